@@ -1,0 +1,185 @@
+"""The `wconv` command line. Every subcommand is a thin layer over the library."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import click
+
+from . import __version__
+from .errors import WconvError
+
+
+def _raise_interrupt(signum, frame):
+    # Turn SIGTERM into KeyboardInterrupt so `finally` blocks remove temporary outputs.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except WconvError as e:
+            click.echo(f"wconv: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("wconv: interrupted; no output written", err=True)
+            sys.exit(130)
+        except MemoryError:
+            click.echo("wconv: error: out of memory", err=True)
+            sys.exit(3)
+        except (click.exceptions.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug in wconv: still one line, details on request
+            if os.environ.get("WCONV_DEBUG"):
+                raise
+            click.echo(f"wconv: internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+                       "(set WCONV_DEBUG=1 for a traceback)", err=True)
+            sys.exit(70)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wconv")
+def main():
+    """Read, inspect, convert and verify LLM weight files without torch.
+
+    Inputs: torch checkpoints (.pth/.pt/.bin, zip or legacy), Meta model
+    directories (consolidated.NN.pth + params.json), llama2.c and nanoGPT
+    ckpt.pt, Hugging Face directories (pytorch_model.bin / model.safetensors,
+    sharded or not, + config.json), llama2.c .bin, GGUF, GGML/GGJT, safetensors.
+    Nothing in an input is ever executed.
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if hasattr(signal, "SIGXFSZ"):  # file-size limit: get EFBIG instead of dying mid-write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+_force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+_tok = click.option("--tokenizer", type=click.Path(dir_okay=False),
+                    help="sentencepiece tokenizer.model (or llama2.c tokenizer.bin) to embed / write.")
+_unknown = click.option("--allow-unknown-globals", is_flag=True,
+                        help="Show unknown pickle globals as inert placeholders instead of refusing "
+                             "(inspection only; nothing is ever called).")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable; see README).")
+@_unknown
+def inspect(path, as_json, allow_unknown_globals):
+    """Show format, architecture, hyperparameters and tensors of PATH (reads no tensor data)."""
+    from .inspect.report import format_text, inspect_path
+
+    report = inspect_path(path, allow_unknown_globals=allow_unknown_globals)
+    click.echo(json.dumps(report, indent=1) if as_json else format_text(report))
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "llama2c", "ggjt"]),
+              help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt).")
+@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
+              help="Output element type (gguf/ggjt/safetensors). 1-D tensors stay f32 in GGUF.")
+@click.option("--version", "bin_version", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="llama2.c .bin version: 0 legacy fp32, 1 fp32 with header, 2 int8 Q8_0.")
+@click.option("--group-size", type=int, help="llama2.c v2 quantisation group size (default 64, shrunk to fit).")
+@click.option("--max-seq-len", type=int, help="Override the context length written to the header.")
+@_tok
+@_force
+@_quiet
+def convert(src, out, to, dtype, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+    """Convert SRC (any readable format) to OUT."""
+    from .convert.save import convert as do_convert
+
+    do_convert(src, out, to=to, dtype=dtype, version=bin_version, group_size=group_size,
+               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet)
+
+
+@main.command("pth-to-bin")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@click.option("--version", "bin_version", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="0: legacy fp32 layout run.c reads; 1: 'ak42' fp32; 2: int8 Q8_0 for runq.c.")
+@click.option("--group-size", type=int, help="v2 group size (default 64, shrunk until it divides dim and hidden_dim).")
+@click.option("--max-seq-len", type=int, help="Override max_seq_len in the header.")
+@_tok
+@_force
+@_quiet
+def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+    """Export a Llama checkpoint (Meta dir, .pth, ckpt.pt, HF dir) to a llama2.c .bin."""
+    from .convert.save import convert as do_convert
+
+    do_convert(src, out, to="llama2c", version=bin_version, group_size=group_size,
+               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet)
+
+
+@main.command("tokenizer-to-bin")
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path())
+@_force
+def tokenizer_to_bin(src, out, force):
+    """Write a sentencepiece tokenizer.model as llama2.c's tokenizer.bin."""
+    from .convert.save import write_tokenizer_bin
+
+    write_tokenizer_bin(src, out, force=force)
+
+
+def _tokens(s):
+    if not s:
+        return None
+    try:
+        return [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers, e.g. 1,2,3")
+
+
+@main.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--prompt-tokens", help="Comma-separated token ids, e.g. 1,2,3.")
+@click.option("--random-tokens", type=int, help="Use N random token ids (seeded) as the prompt.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--atol", type=float, help="Max |Δlogit| allowed (default depends on the dtypes; see README).")
+@click.option("--float64", is_flag=True, help="Compute the reference in float64.")
+@click.option("--json", "as_json", is_flag=True)
+def parity(a, b, prompt_tokens, random_tokens, seed, atol, float64, as_json):
+    """Run the numpy reference on models A and B and compare their logits."""
+    from .parity import compare, format_result
+
+    result = compare(a, b, tokens=_tokens(prompt_tokens), random_tokens=random_tokens, seed=seed,
+                     atol=atol, float64=float64)
+    click.echo(json.dumps(result, indent=1) if as_json else format_result(result))
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--tokens", required=True, help="Comma-separated prompt token ids.")
+@click.option("-n", "steps", type=int, default=16, show_default=True, help="Tokens to generate (greedy).")
+def generate(model, tokens, steps):
+    """Greedy generation with the numpy reference (to eyeball a model)."""
+    from .reference import generate as do_generate
+
+    out = do_generate(model, _tokens(tokens), steps)
+    click.echo(",".join(str(t) for t in out))
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True)
+def scan(path, as_json):
+    """List the globals and risky opcodes a pickle-based file uses, without running it.
+
+    Exit code 0: safe (only tensor rebuilding); 1: unsafe; 2: unreadable.
+    """
+    from .inspect.scan import format_scan, scan_path
+
+    result = scan_path(path)
+    click.echo(json.dumps(result, indent=1) if as_json else format_scan(result))
+    if not result["safe"]:
+        sys.exit(1)

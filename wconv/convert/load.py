@@ -1,0 +1,119 @@
+"""Open any supported file or directory as a Model: sniff the format, call its reader.
+
+Readers for single-file model formats (GGUF, GGML, llama2.c .bin, safetensors)
+return a Model directly. Pickle-based torch files return an object tree whose
+tensors are LazyTensors; wconv.convert.state_dict turns that into a Model by
+recognising the layout (Meta, llama2.c ckpt.pt, nanoGPT, HF).
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import FormatError, UnsupportedError
+from ..model import Model
+
+# File magics. Legacy torch files start with a pickle (protocol 2: 0x80 0x02).
+ZIP_MAGIC = b"PK\x03\x04"
+GGUF_MAGIC = b"GGUF"
+LLAMA2C_MAGIC = b"ak42"  # uint32 0x616b3432 little-endian
+GGML_MAGICS = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}  # uint32 magics, little-endian bytes
+
+
+def sniff(path: str) -> str:
+    """Name of the format of file `path` from its first bytes (and size)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except IsADirectoryError:
+        return "directory"
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    if len(head) == 0:
+        raise FormatError(path, "file is empty")
+    if head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):
+        return "torch-zip"
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
+    if head[:4] == LLAMA2C_MAGIC[::-1]:
+        return "llama2c"
+    if head[:4] in GGML_MAGICS:
+        return "ggml"
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
+        return "torch-legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if path.endswith(".model"):
+        return "sentencepiece"
+    return "llama2c"  # v0 has no magic: the reader validates the header against the file size
+
+
+def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, strict: bool = True) -> Model:
+    """Open `path` lazily. strict=False lets inspect show files whose layout is unknown."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FormatError(path, "no such file or directory")
+    if os.path.isdir(path):
+        from .sources import load_directory
+
+        model = load_directory(path, allow_unknown_globals=allow_unknown_globals, strict=strict)
+    else:
+        fmt = sniff(path)
+        model = _load_file(path, fmt, allow_unknown_globals, strict)
+    if tokenizer is not None:
+        model.tokenizer = load_tokenizer(tokenizer)
+    elif model.tokenizer is None:
+        model.tokenizer = find_tokenizer_beside(path)
+    model.path = path
+    return model
+
+
+def _load_file(path, fmt, allow_unknown_globals, strict) -> Model:
+    if fmt in ("torch-zip", "torch-legacy"):
+        from .sources import load_torch_file
+
+        return load_torch_file(path, allow_unknown_globals=allow_unknown_globals, strict=strict)
+    if fmt == "gguf":
+        from ..formats.gguf_io import read
+
+        return read(path)
+    if fmt == "ggml":
+        from ..formats.ggml_legacy import read
+
+        return read(path)
+    if fmt == "llama2c":
+        from ..formats.llama2c import read
+
+        return read(path)
+    if fmt == "safetensors":
+        from .sources import load_safetensors_file
+
+        return load_safetensors_file(path, strict=strict)
+    if fmt == "sentencepiece":
+        raise UnsupportedError(path, "this is a tokenizer, not a model (use tokenizer-to-bin)")
+    raise FormatError(path, "unrecognised file format")
+
+
+def load_tokenizer(path):
+    """A Tokenizer from a sentencepiece tokenizer.model or a llama2.c tokenizer.bin."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FormatError(path, "tokenizer file not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x0a":  # protobuf field 1 (pieces), wire type 2
+        from ..formats.sentencepiece import read
+
+        return read(path)
+    from ..formats.llama2c_tokenizer import read
+
+    return read(path)
+
+
+def find_tokenizer_beside(path):
+    """tokenizer.model found next to a checkpoint (Meta and HF ship one), else None."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for parent in (directory, os.path.dirname(directory)):
+        candidate = os.path.join(parent, "tokenizer.model")
+        if os.path.isfile(candidate):
+            return load_tokenizer(candidate)
+    return None

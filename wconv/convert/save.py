@@ -1,0 +1,70 @@
+"""Write a Model in a chosen format: pick the writer, stream through an atomic temp file."""
+from __future__ import annotations
+
+import importlib
+import os
+
+from ..atomic import atomic_path
+from ..errors import UsageError
+from .load import load_model, load_tokenizer
+
+# format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
+WRITERS = {
+    "gguf": ("wconv.formats.gguf_io", "write"),
+    "safetensors": ("wconv.formats.safetensors_io", "write"),
+    "llama2c": ("wconv.formats.llama2c", "write"),
+    "ggjt": ("wconv.formats.ggml_legacy", "write_ggjt"),
+}
+EXTENSIONS = {".gguf": "gguf", ".safetensors": "safetensors", ".bin": "llama2c", ".ggjt": "ggjt"}
+
+
+def format_for(out: str, to: str | None) -> str:
+    if to:
+        return to
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in EXTENSIONS:
+        raise UsageError(out, f"cannot tell the output format from extension {ext or '(none)'!r}; pass --to")
+    return EXTENSIONS[ext]
+
+
+def input_files(model) -> list:
+    """Paths the model was read from (never to be overwritten)."""
+    paths = [model.path] if model.path else []
+    paths += model.metadata.get("_input_files", [])
+    return paths
+
+
+def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
+    fmt = format_for(os.fspath(out), to)
+    module, fn = WRITERS[fmt]
+    writer = getattr(importlib.import_module(module), fn)
+    options = {k: v for k, v in options.items() if v is not None}
+    with atomic_path(out, force=force, inputs=input_files(model)) as tmp:
+        writer(model, tmp, quiet=quiet, **options)
+    return fmt
+
+
+def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
+    model = load_model(src, tokenizer=tokenizer)
+    fmt = format_for(os.fspath(out), to)
+    if fmt != "llama2c":
+        options.pop("version", None)
+        options.pop("group_size", None)
+    elif "dtype" in options and options["dtype"] is not None:
+        raise UsageError(out, "--dtype does not apply to llama2.c output; use --version 2 for int8")
+    else:
+        options.pop("dtype", None)
+    save(model, out, to=fmt, force=force, quiet=quiet, **options)
+    if fmt == "llama2c" and tokenizer is not None:
+        # pth-to-bin --tokenizer: write tokenizer.bin beside the model.
+        write_tokenizer_bin(tokenizer, os.path.join(os.path.dirname(os.path.abspath(out)), "tokenizer.bin"),
+                            force=force)
+    return fmt
+
+
+def write_tokenizer_bin(src, out, *, force=False):
+    from ..formats.llama2c_tokenizer import write
+
+    tok = load_tokenizer(src)
+    with atomic_path(out, force=force, inputs=[src]) as tmp:
+        write(tok, tmp)

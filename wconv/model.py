@@ -1,0 +1,89 @@
+"""The internal representation every reader produces and every writer consumes.
+
+Tensor names are canonical and follow GGUF's naming (gguf-py constants):
+`token_embd.weight`, `blk.{i}.attn_q.weight`, ... (see wconv/layouts.py).
+Shapes are row-major [out, in] like torch's nn.Linear. Llama q/k weights are in
+Meta's interleaved rotary order (what llama2.c and llama.cpp both expect); readers
+of HF checkpoints undo HF's permutation. A tied classifier is represented by
+`config.tie_embeddings = True` and no `output.weight` tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from .tensor import LazyTensor
+
+ARCHES = ("llama", "gpt2")
+
+
+@dataclass
+class Config:
+    arch: str = "llama"  # "llama" | "gpt2"
+    dim: int = 0  # embedding width (n_embd)
+    n_layers: int = 0
+    n_heads: int = 0
+    n_kv_heads: int = 0  # == n_heads without GQA
+    vocab_size: int = 0
+    hidden_dim: int = 0  # feed-forward width
+    max_seq_len: int = 0  # context length
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # llama only
+    tie_embeddings: bool = False
+    bias: bool = False  # gpt2: linear layers and norms have biases
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads if self.n_heads else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Tokenizer:
+    """A vocabulary as GGUF describes it (tokenizer.ggml.*)."""
+
+    model: str  # "llama" (sentencepiece) | "gpt2" (BPE)
+    tokens: list  # list[bytes]
+    scores: list | None = None  # list[float]
+    token_types: list | None = None  # list[int], gguf.TokenType values
+    merges: list | None = None  # list[str], BPE only
+    bos_id: int | None = None
+    eos_id: int | None = None
+    unk_id: int | None = None
+    pad_id: int | None = None
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    source: str = ""
+
+
+@dataclass
+class Model:
+    config: Config
+    tensors: dict = field(default_factory=dict)  # canonical name -> LazyTensor, in file order
+    tokenizer: Tokenizer | None = None
+    metadata: dict = field(default_factory=dict)  # free-form: source format, iter_num, ...
+    source_format: str = ""  # e.g. "torch-zip", "llama2c-v0", "gguf"
+    source_layout: str = ""  # e.g. "meta", "llama2c-ckpt", "nanogpt", "hf"
+    path: str = ""
+
+    def __iter__(self) -> Iterator[LazyTensor]:
+        return iter(self.tensors.values())
+
+    def __getitem__(self, name: str) -> LazyTensor:
+        return self.tensors[name]
+
+    def get(self, name: str):
+        return self.tensors.get(name)
+
+    def add(self, t: LazyTensor) -> None:
+        self.tensors[t.name] = t
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
+    def classifier(self) -> LazyTensor:
+        """The output projection (the token embedding when tied)."""
+        return self.tensors.get("output.weight") or self.tensors["token_embd.weight"]

@@ -1,0 +1,127 @@
+"""Lazy tensors: a description (name, dtype, shape, where the bytes are) until asked.
+
+`raw()` returns the stored elements as a numpy array in the dtype's storage form
+(float16, uint16 for bf16, uint8 blocks for quantised types), often a zero-copy
+view of a memory-mapped file. `float32()` widens/dequantises. Transforms (shard
+merges, permutations, transposes) are new LazyTensors wrapping a function of
+their sources, so nothing is read until a writer asks for that one tensor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import dtypes
+from .dtypes import DType
+
+
+def _dequantize(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
+    # gguf-py's dequantisers work on row-blocks of raw bytes and are exact.
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    out = dequantize(np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1),
+                     GGMLQuantizationType[dt.name])
+    return out.astype(np.float32, copy=False).reshape(shape)
+
+
+def to_float32(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
+    """Widen or dequantise a raw array of dtype `dt` to float32 of `shape`."""
+    if dt.quantized:
+        return _dequantize(raw, dt, shape)
+    if dt is dtypes.BF16:
+        return dtypes.bf16_to_f32(raw).reshape(shape)
+    if dt.name.startswith("F8_"):
+        return dtypes.f8_to_f32(raw, dt.name).reshape(shape)
+    if dt.name in ("C32", "C64", "C128"):
+        raise TypeError("complex tensors have no float32 form")
+    return np.asarray(raw).astype(np.float32, copy=False).reshape(shape)
+
+
+@dataclass
+class LazyTensor:
+    name: str
+    dtype: DType
+    shape: tuple
+    loader: Callable[[], np.ndarray] = field(repr=False)
+    source: str = ""  # human-readable origin, e.g. "consolidated.00.pth:data/3"
+    storage_key: object = None  # identifies the underlying storage (tied weights)
+
+    def __post_init__(self):
+        self.shape = tuple(int(s) for s in self.shape)
+
+    @property
+    def n_elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.nbytes(self.n_elements)
+
+    def raw(self) -> np.ndarray:
+        """Stored elements, storage dtype, logical shape (quantised: flat uint8 blocks)."""
+        arr = self.loader()
+        if not self.dtype.quantized and tuple(arr.shape) != self.shape:
+            arr = arr.reshape(self.shape)
+        return arr
+
+    def float32(self) -> np.ndarray:
+        return to_float32(self.raw(), self.dtype, self.shape)
+
+    def numpy(self) -> np.ndarray:
+        """A numpy array of the values: raw for types numpy has, float32 otherwise."""
+        if self.dtype.quantized or self.dtype is dtypes.BF16 or self.dtype.name.startswith("F8_"):
+            return self.float32()
+        return self.raw()
+
+    # --- lazy transforms -------------------------------------------------
+    def derive(self, fn: Callable[[np.ndarray], np.ndarray], *, name=None, shape=None,
+               dtype: DType | None = None, float_input=False) -> "LazyTensor":
+        """A new lazy tensor computed from this one's raw (or float32) data by `fn`."""
+        src = self
+
+        def load():
+            return fn(src.float32() if float_input else src.raw())
+
+        return LazyTensor(name or self.name, dtype or (dtypes.F32 if float_input else self.dtype),
+                          tuple(shape) if shape is not None else self.shape, load, self.source)
+
+    def renamed(self, name: str) -> "LazyTensor":
+        return LazyTensor(name, self.dtype, self.shape, self.loader, self.source, self.storage_key)
+
+    @staticmethod
+    def from_array(name: str, arr: np.ndarray, dtype: DType | None = None, source="memory") -> "LazyTensor":
+        arr = np.asarray(arr)
+        dt = dtype or dtype_of_numpy(arr.dtype)
+        return LazyTensor(name, dt, arr.shape, lambda: arr, source)
+
+    @staticmethod
+    def concat(name: str, parts: Sequence["LazyTensor"], axis: int) -> "LazyTensor":
+        """Lazily concatenate shards (Meta model-parallel checkpoints)."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0].renamed(name)
+        dt = parts[0].dtype
+        shape = list(parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in parts)
+
+        def load():
+            return np.concatenate([p.raw() for p in parts], axis=axis)
+
+        return LazyTensor(name, dt, tuple(shape), load, "+".join(p.source for p in parts))
+
+
+_NUMPY_TO_DTYPE = {
+    np.dtype(np.float64): dtypes.F64, np.dtype(np.float32): dtypes.F32, np.dtype(np.float16): dtypes.F16,
+    np.dtype(np.int64): dtypes.I64, np.dtype(np.int32): dtypes.I32, np.dtype(np.int16): dtypes.I16,
+    np.dtype(np.int8): dtypes.I8, np.dtype(np.uint64): dtypes.U64, np.dtype(np.uint32): dtypes.U32,
+    np.dtype(np.uint16): dtypes.U16, np.dtype(np.uint8): dtypes.U8, np.dtype(np.bool_): dtypes.BOOL,
+    np.dtype(np.complex64): dtypes.C64, np.dtype(np.complex128): dtypes.C128,
+}
+
+
+def dtype_of_numpy(np_dtype) -> DType:
+    return _NUMPY_TO_DTYPE[np.dtype(np_dtype).newbyteorder("=")]
