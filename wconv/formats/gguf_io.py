@@ -1,0 +1,514 @@
+"""GGUF (llama.cpp's model format): lazy reading, streaming writing with gguf-py.
+
+Reading uses our own bounds-checked header parser rather than gguf-py's
+GGUFReader, for two reasons: GGUFReader builds a numpy object per array element
+(3.7 s for GPT-2's 50k-token vocab, far longer for Llama 3's 128k tokens + 280k
+merges), and it trusts declared lengths (a huge array count makes it loop over
+empty reads). Here every count, length and offset is checked against the bytes
+actually present before anything is allocated. Tensors are lazy views of one
+read-only memory map. The tests check this parser against GGUFReader.
+GGUF v1 (2023 pre-release) is refused; v2 and v3 (both byte orders) read.
+
+Writing: header, metadata and tensor infos first, then tensor data one tensor at a
+time (GGUFWriter's `add_tensor_info` / `write_tensor_data` path), so only one
+tensor is in memory. Element types: see wconv/quant.py (1-D tensors F32; `dtype`
+f32|f16|bf16|q8_0|q4_0 for matrices; default keeps each matrix's type).
+Architectures `llama` and `gpt2` with the metadata llama.cpp's loaders read.
+A tied classifier is written without `output.weight` (llama.cpp then reuses
+`token_embd.weight`). A model without a tokenizer gets `tokenizer.ggml.model =
+"no_vocab"` plus `{arch}.vocab_size`: llama.cpp then loads it with placeholder
+tokens (token ids in, logits out; no text).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import layouts, quant
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..model import Config, Model, Tokenizer
+from ..progress import progress
+from ..tensor import LazyTensor
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+NO_VOCAB = ("no_vocab", "none")  # llama.cpp's names for "this model has no tokenizer"
+
+# GGUF metadata value types: id -> (name, numpy dtype code or None for string/array).
+_VALUE_TYPES = {0: ("UINT8", "u1"), 1: ("INT8", "i1"), 2: ("UINT16", "u2"), 3: ("INT16", "i2"),
+                4: ("UINT32", "u4"), 5: ("INT32", "i4"), 6: ("FLOAT32", "f4"), 7: ("BOOL", "u1"),
+                8: ("STRING", None), 9: ("ARRAY", None), 10: ("UINT64", "u8"), 11: ("INT64", "i8"),
+                12: ("FLOAT64", "f8")}
+_STRING, _ARRAY, _FLOAT32, _BOOL = 8, 9, 6, 7
+_SUMMARY_ITEMS = 8  # long arrays in Model.metadata: first items + length
+_MAX_STRING_SHOWN = 1000
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class TensorInfo:
+    name: str
+    dims: tuple  # GGML order: dims[0] is the row length
+    dtype: object  # wconv DType
+    offset: int  # absolute file offset of the data
+    nbytes: int
+
+
+@dataclass
+class Header:
+    version: int
+    endian: str  # "<" or ">"
+    alignment: int
+    data_offset: int
+    kv: dict = field(default_factory=dict)  # key -> value (strings as bytes, arrays as lists)
+    kv_types: dict = field(default_factory=dict)  # key -> (type name, element type name or None)
+    tensors: list = field(default_factory=list)  # TensorInfo, in file order
+
+
+class _Cursor:
+    """Bounds-checked reads from a byte buffer; any overrun is a FormatError naming the item."""
+
+    def __init__(self, buf, path, endian):
+        self.buf, self.path, self.end, self.pos, self.e = buf, path, len(buf), 0, endian
+
+    def need(self, n: int, what: str):
+        if n < 0 or self.pos + n > self.end:
+            raise FormatError(self.path, f"truncated GGUF: {what} needs {n} bytes at offset {self.pos}, "
+                                         f"file has {self.end}")
+
+    def unpack(self, fmt: str, what: str):
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        vals = struct.unpack_from(self.e + fmt, self.buf, self.pos)
+        self.pos += size
+        return vals if len(vals) != 1 else vals[0]
+
+    def string(self, what: str) -> bytes:
+        n = self.unpack("Q", what + " length")
+        self.need(n, what)
+        s = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return s
+
+    def scalars(self, code: str, count: int, what: str) -> np.ndarray:
+        dt = np.dtype(code).newbyteorder(self.e)
+        self.need(count * dt.itemsize, what)
+        arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
+        self.pos += count * dt.itemsize
+        return arr
+
+    def value(self, vtype: int, what: str):
+        """(value, element type) of one metadata value; strings stay bytes."""
+        if vtype not in _VALUE_TYPES:
+            raise FormatError(self.path, f"{what} has unknown GGUF value type {vtype}")
+        code = _VALUE_TYPES[vtype][1]
+        if code is not None:
+            v = self.scalars(code, 1, what)[0].item()
+            return (bool(v) if vtype == _BOOL else v), None
+        if vtype == _STRING:
+            return self.string(what), None
+        sub = self.unpack("I", what + " element type")
+        count = self.unpack("Q", what + " element count")
+        if sub not in _VALUE_TYPES:
+            raise FormatError(self.path, f"{what} has unknown GGUF array element type {sub}")
+        if sub == _ARRAY:
+            raise FormatError(self.path, f"{what} is an array of arrays, which GGUF does not allow")
+        sub_code = _VALUE_TYPES[sub][1]
+        min_size = np.dtype(sub_code).itemsize if sub_code else 8  # a string is at least its length field
+        if count * min_size > self.end - self.pos:
+            raise FormatError(self.path, f"{what} declares {count} elements but only "
+                                         f"{self.end - self.pos} bytes remain in the file")
+        if sub == _STRING:
+            return [self.string(f"{what}[{i}]") for i in range(count)], sub
+        arr = self.scalars(sub_code, count, what)
+        return (arr.astype(bool) if sub == _BOOL else arr).tolist(), sub
+
+
+def parse_header(path: str, buf) -> Header:
+    """Parse and check a GGUF header held in `buf` (bytes-like, e.g. a memoryview of an mmap)."""
+    if len(buf) < 8 or bytes(buf[:4]) != GGUF_MAGIC:
+        raise FormatError(path, "not a GGUF file (missing 'GGUF' magic)")
+    (version,) = struct.unpack_from("<I", buf, 4)
+    endian = "<"
+    if version & 0xFFFF == 0 and version != 0:  # written on a big-endian machine
+        endian = ">"
+        (version,) = struct.unpack_from(">I", buf, 4)
+    if version == 1:
+        raise UnsupportedError(path, "GGUF version 1 (the 2023 pre-release format) is not supported; "
+                                     "re-create the file with a current llama.cpp or gguf-py")
+    if version not in (2, 3):
+        raise UnsupportedError(path, f"unknown GGUF version {version} (wconv reads versions 2 and 3)")
+    c = _Cursor(buf, path, endian)
+    c.pos = 8
+    n_tensors, n_kv = c.unpack("QQ", "tensor and metadata counts")
+    if n_kv * 13 > c.end - c.pos:  # smallest entry: 8-byte key length + 1-byte key + type + 1-byte value
+        raise FormatError(path, f"header declares {n_kv} metadata entries, more than the file can hold")
+    h = Header(version, endian, DEFAULT_ALIGNMENT, 0)
+    for i in range(n_kv):
+        key = c.string(f"metadata key #{i}").decode("utf-8", "replace")
+        if key in h.kv:
+            raise FormatError(path, f"duplicate metadata key {key!r}")
+        vtype = c.unpack("I", f"type of {key!r}")
+        h.kv[key], sub = c.value(vtype, f"metadata {key!r}")
+        h.kv_types[key] = (_VALUE_TYPES[vtype][0], _VALUE_TYPES[sub][0] if sub is not None else None)
+    if "general.alignment" in h.kv:
+        h.alignment = h.kv["general.alignment"]
+        if h.kv_types["general.alignment"][0] != "UINT32" or h.alignment == 0 or h.alignment & (h.alignment - 1):
+            raise FormatError(path, f"general.alignment {h.alignment!r} is not a UINT32 power of two")
+    if n_tensors * 25 > c.end - c.pos:  # smallest tensor info: 8+1 name, 4 n_dims, 4 type, 8 offset
+        raise FormatError(path, f"header declares {n_tensors} tensors, more than the file can hold")
+    infos = []
+    for i in range(n_tensors):
+        name = c.string(f"tensor #{i} name").decode("utf-8", "replace")
+        n_dims = c.unpack("I", f"tensor {name!r} n_dims")
+        if n_dims > MAX_DIMS:
+            raise FormatError(path, f"tensor {name!r} has {n_dims} dimensions (GGML allows at most {MAX_DIMS})")
+        dims = tuple(int(d) for d in c.scalars("u8", n_dims, f"tensor {name!r} dims"))
+        ttype = c.unpack("I", f"tensor {name!r} type")
+        offset = c.unpack("Q", f"tensor {name!r} offset")
+        try:
+            dt = quant.ggml_dtype(ttype)
+        except (ValueError, KeyError):
+            raise FormatError(path, f"tensor {name!r} has unknown GGML type {ttype}") from None
+        n_el = 1
+        for d in dims:
+            n_el *= d
+        if n_el >= 1 << 62:
+            raise FormatError(path, f"tensor {name!r} declares an impossible shape {list(dims)}")
+        if dt.quantized and dims and dims[0] % dt.block:
+            raise FormatError(path, f"tensor {name!r} row length {dims[0]} is not a multiple of the "
+                                    f"{dt.name} block size {dt.block}")
+        if offset % h.alignment:
+            raise FormatError(path, f"tensor {name!r} data offset {offset} is not aligned to {h.alignment}")
+        infos.append((name, dims, dt, offset, dt.nbytes(n_el)))
+    h.data_offset = -(-c.pos // h.alignment) * h.alignment if n_tensors else c.pos
+    names = set()
+    for name, dims, dt, offset, nbytes in infos:
+        if name in names:
+            raise FormatError(path, f"duplicate tensor name {name!r}")
+        names.add(name)
+        start = h.data_offset + offset
+        if start + nbytes > c.end:
+            raise FormatError(path, f"truncated GGUF: tensor {name!r} ({dt.name} {list(dims)}) needs bytes "
+                                    f"up to {start + nbytes}, file has {c.end}")
+        h.tensors.append(TensorInfo(name, dims, dt, start, nbytes))
+    return h
+
+
+def _f32(v) -> float:
+    """A float32 value as the shortest decimal that round-trips (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(v)))
+
+
+def _text(v):
+    """A metadata value for display: bytes decoded, float32 shown at its own precision."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, list):
+        return [_text(x) for x in v]
+    return v
+
+
+def _summary(key, value, types):
+    """JSON-friendly metadata value: long arrays and strings shortened for display."""
+    if types[0] == "FLOAT32":
+        value = _f32(value)
+    if isinstance(value, list) and len(value) > 2 * _SUMMARY_ITEMS:
+        return {"array_length": len(value), "element_type": types[1],
+                "first": _text(value[:_SUMMARY_ITEMS])}
+    value = _text(value)
+    if isinstance(value, str) and len(value) > _MAX_STRING_SHOWN:
+        return value[:_MAX_STRING_SHOWN] + f"... ({len(value)} characters)"
+    return value
+
+
+def _tensor_loader(mm, info: TensorInfo, endian: str):
+    dt = info.dtype
+
+    def load():
+        if dt.quantized:
+            return np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        storage = dt.storage.newbyteorder(endian)
+        arr = np.frombuffer(mm, dtype=storage, count=info.nbytes // storage.itemsize, offset=info.offset)
+        arr = arr.reshape(tuple(reversed(info.dims)))
+        return arr if storage.isnative else arr.astype(storage.newbyteorder("="))
+    return load
+
+
+def _tokenizer(kv: dict, path: str) -> Tokenizer | None:
+    kind = kv.get("tokenizer.ggml.model")
+    if kind is None:
+        return None
+    kind = _text(kind)
+    if kind in NO_VOCAB:
+        return None
+    tokens = kv.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, bytes) for t in tokens[:1]):
+        raise FormatError(path, f"tokenizer.ggml.model is {kind!r} but tokenizer.ggml.tokens is missing")
+
+    def per_token(key):
+        vals = kv.get(key)
+        if vals is None:
+            return None
+        if not isinstance(vals, list) or len(vals) != len(tokens):
+            raise FormatError(path, f"{key} has {len(vals) if isinstance(vals, list) else 'no'} entries, "
+                                    f"expected one per token ({len(tokens)})")
+        return vals
+
+    def scalar(key, kind=int):
+        v = kv.get(key)
+        return None if v is None or isinstance(v, (list, bytes)) else kind(v)
+
+    merges = kv.get("tokenizer.ggml.merges")
+    return Tokenizer(
+        model=kind, tokens=tokens,
+        scores=per_token("tokenizer.ggml.scores"), token_types=per_token("tokenizer.ggml.token_type"),
+        merges=_text(merges) if isinstance(merges, list) else None,
+        bos_id=scalar("tokenizer.ggml.bos_token_id"), eos_id=scalar("tokenizer.ggml.eos_token_id"),
+        unk_id=scalar("tokenizer.ggml.unknown_token_id"), pad_id=scalar("tokenizer.ggml.padding_token_id"),
+        add_bos=scalar("tokenizer.ggml.add_bos_token", bool), add_eos=scalar("tokenizer.ggml.add_eos_token", bool),
+        source=path)
+
+
+def _config(kv: dict, arch: str, tensors: dict, tokenizer) -> Config:
+    def get(key, default=0):
+        v = kv.get(f"{arch}.{key}", default)
+        if isinstance(v, list):  # per-layer values (some architectures): report the first
+            v = v[0] if v else default
+        return default if isinstance(v, bytes) else v
+
+    emb = tensors.get("token_embd.weight")
+    vocab = get("vocab_size") or (len(tokenizer.tokens) if tokenizer else 0) or (emb.shape[0] if emb else 0)
+    n_heads = int(get("attention.head_count"))
+    eps = get("attention.layer_norm_rms_epsilon") or get("attention.layer_norm_epsilon") or 1e-5
+    return Config(
+        arch=arch if arch in ("llama", "gpt2") else "unknown",
+        dim=int(get("embedding_length")), n_layers=int(get("block_count")), n_heads=n_heads,
+        n_kv_heads=int(get("attention.head_count_kv") or n_heads), vocab_size=int(vocab),
+        hidden_dim=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
+        norm_eps=_f32(eps), rope_theta=_f32(get("rope.freq_base") or 10000.0),
+        tie_embeddings=bool(tensors) and "output.weight" not in tensors,
+        bias=arch == "gpt2",
+    )
+
+
+def read(path) -> Model:
+    """Open a GGUF file lazily: config and tokenizer from metadata, tensors as mmap views."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 8:
+                raise FormatError(path, "not a GGUF file (too short)")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    h = parse_header(path, memoryview(mm))
+    arch = _text(h.kv.get("general.architecture", b""))
+    if not isinstance(arch, str):
+        raise FormatError(path, "general.architecture is not a string")
+    tokenizer = _tokenizer(h.kv, path)
+
+    base = os.path.basename(path)
+    tensors = {}
+    for info in h.tensors:
+        if info.dtype.quantized and h.endian == ">":
+            raise UnsupportedError(path, f"tensor {info.name}: quantised tensors in big-endian GGUF are not supported")
+        tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
+                                        _tensor_loader(mm, info, h.endian), source=f"{base}:{info.name}",
+                                        storage_key=(path, info.offset))
+
+    metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv)}
+    metadata.update({k: _summary(k, v, h.kv_types[k]) for k, v in h.kv.items()})
+    metadata["GGUF.alignment"] = h.alignment
+    metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"
+    if not tensors:
+        metadata["vocab_only"] = True
+    cfg = _config(h.kv, arch, tensors, tokenizer)
+    return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
+                 source_format=f"gguf-v{h.version}", source_layout="gguf", path=path)
+
+
+# ----------------------------------------------------------------------------- writing
+def expected_shape(name: str, cfg: Config, hidden_dim: int, n_ctx: int) -> tuple:
+    """Shape (numpy order, [out, in]) llama.cpp expects for canonical tensor `name`."""
+    template, _ = layouts.template_of(name)
+    d, v, f = cfg.dim, cfg.vocab_size, hidden_dim
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
+    return {
+        "token_embd.weight": (v, d), "output.weight": (v, d), "position_embd.weight": (n_ctx, d),
+        "blk.{i}.attn_q.weight": (d, d), "blk.{i}.attn_k.weight": (kv_dim, d),
+        "blk.{i}.attn_v.weight": (kv_dim, d), "blk.{i}.attn_output.weight": (d, d),
+        "blk.{i}.attn_qkv.weight": (d + 2 * kv_dim, d), "blk.{i}.attn_qkv.bias": (d + 2 * kv_dim,),
+        "blk.{i}.ffn_gate.weight": (f, d), "blk.{i}.ffn_up.weight": (f, d), "blk.{i}.ffn_up.bias": (f,),
+        "blk.{i}.ffn_down.weight": (d, f),
+    }.get(template, (d,))  # norms and the remaining biases
+
+
+def _warn(path, message):
+    print(f"wconv: warning: {path}: {message}", file=sys.stderr)
+
+
+def _check_model(model: Model, where: str):
+    """The tensor list and shapes a llama.cpp `llama`/`gpt2` loader will accept; returns (names, hidden, ctx)."""
+    cfg = model.config
+    if cfg.arch not in ("llama", "gpt2"):
+        raise UnsupportedError(where, f"cannot write architecture {cfg.arch!r} (wconv writes llama and gpt2)")
+    if not model.tensors:
+        raise UnsupportedError(where, "the model has no tensors (a vocab-only file?); nothing to convert")
+    if not (cfg.dim and cfg.n_heads and cfg.n_layers) or cfg.dim % cfg.n_heads:
+        raise UsageError(where, f"incomplete hyperparameters: dim={cfg.dim} n_heads={cfg.n_heads} "
+                                f"n_layers={cfg.n_layers}")
+    tied = "output.weight" not in model.tensors
+    names = layouts.expected_names(cfg.arch, cfg.n_layers, tied)
+    missing = [n for n in names if n not in model.tensors]
+    if missing:
+        raise UsageError(where, f"model lacks {len(missing)} tensor(s) the {cfg.arch} format needs, "
+                                f"e.g. {', '.join(missing[:3])}")
+    extra = [n for n in model.tensors if n not in names]
+    if extra:
+        raise UnsupportedError(where, f"tensor(s) {', '.join(extra[:3])} are not part of the {cfg.arch} "
+                                      "architecture wconv writes; refusing to drop them silently")
+    up = model.tensors["blk.0.ffn_up.weight"]
+    hidden = cfg.hidden_dim or up.shape[0]
+    n_ctx = model.tensors["position_embd.weight"].shape[0] if cfg.arch == "gpt2" else cfg.max_seq_len
+    for n in names:
+        want = expected_shape(n, cfg, hidden, n_ctx)
+        got = model.tensors[n].shape
+        if got != want:
+            raise UsageError(where, f"tensor {n} has shape {list(got)}, but the hyperparameters "
+                                    f"(dim {cfg.dim}, heads {cfg.n_heads}/{cfg.n_kv_heads}, vocab "
+                                    f"{cfg.vocab_size}, hidden {hidden}) require {list(want)}")
+    return names, hidden
+
+
+def _add_hparams(w, cfg: Config, hidden: int, n_ctx: int, n_vocab: int):
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads or cfg.n_heads)
+    w.add_vocab_size(n_vocab)
+    if cfg.arch == "llama":
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+    else:
+        w.add_layer_norm_eps(float(cfg.norm_eps))
+
+
+def _add_vocab(w, model: Model, n_vocab: int, where: str, notes: list):
+    tok = model.tokenizer
+    if tok is None:
+        w.add_tokenizer_model(NO_VOCAB[0])
+        notes.append("no tokenizer: wrote tokenizer.ggml.model = 'no_vocab' (llama.cpp loads it and "
+                     "evaluates token ids, but cannot tokenise text); pass --tokenizer to embed one")
+        return
+    tokens = [t if isinstance(t, bytes) else str(t).encode("utf-8") for t in tok.tokens]
+    n = len(tokens)
+    if n > n_vocab:
+        raise UsageError(where, f"tokenizer has {n} tokens but the model's vocabulary is {n_vocab}")
+    for key, arr in (("scores", tok.scores), ("token_types", tok.token_types)):
+        if arr is not None and len(arr) != n:
+            raise UsageError(where, f"tokenizer {key} has {len(arr)} entries for {n} tokens")
+    scores = [float(s) for s in tok.scores] if tok.scores is not None else None
+    types = [int(t) for t in tok.token_types] if tok.token_types is not None else None
+    if n < n_vocab:  # padded embedding matrix (common in HF checkpoints): name the extra rows
+        notes.append(f"tokenizer has {n} tokens, model vocabulary {n_vocab}: padded with [PAD{{i}}] tokens")
+        tokens += [f"[PAD{i}]".encode() for i in range(n, n_vocab)]
+        scores = scores + [0.0] * (n_vocab - n) if scores is not None else None
+        types = (types if types is not None else [1] * n) + [5] * (n_vocab - n)  # 5: TokenType.UNUSED
+    w.add_tokenizer_model(tok.model)
+    pre = model.metadata.get("tokenizer.ggml.pre")
+    if not isinstance(pre, str) or not pre:
+        pre = "gpt-2" if tok.model == "gpt2" else "default"
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if types is not None:
+        w.add_token_types(types)
+    if tok.merges:
+        w.add_token_merges([m if isinstance(m, str) else bytes(m).decode("utf-8") for m in tok.merges])
+    for value, add in ((tok.bos_id, w.add_bos_token_id), (tok.eos_id, w.add_eos_token_id),
+                       (tok.unk_id, w.add_unk_token_id), (tok.pad_id, w.add_pad_token_id)):
+        if value is not None and 0 <= int(value) < n_vocab:
+            add(int(value))
+    if tok.add_bos is not None:
+        w.add_add_bos_token(bool(tok.add_bos))
+    if tok.add_eos is not None:
+        w.add_add_eos_token(bool(tok.add_eos))
+
+
+def _model_name(model: Model) -> str:
+    name = model.metadata.get("general.name")
+    if isinstance(name, str) and name:
+        return name
+    if model.path:
+        return os.path.splitext(os.path.basename(os.path.normpath(model.path)))[0] or "model"
+    return "model"
+
+
+def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
+          max_seq_len: int | None = None) -> list:
+    """Write `model` as GGUF v3 to `tmp_path`, one tensor in memory at a time.
+
+    Returns the list of notes (type fallbacks, padding...), also printed to stderr.
+    """
+    from gguf import GGUFWriter
+
+    where = model.path or os.fspath(tmp_path)
+    cfg = model.config
+    names, hidden = _check_model(model, where)
+    n_ctx = int(max_seq_len or cfg.max_seq_len or 0)
+    if cfg.arch == "gpt2":
+        rows = model.tensors["position_embd.weight"].shape[0]
+        if max_seq_len and max_seq_len != rows:
+            raise UsageError(where, f"GPT-2 context length is fixed by position_embd ({rows} rows); "
+                                    f"cannot write --max-seq-len {max_seq_len}")
+        n_ctx = rows
+    if n_ctx <= 0:
+        raise UsageError(where, "the model does not say its context length; pass --max-seq-len")
+    n_vocab = model.tensors["token_embd.weight"].shape[0]
+    try:
+        plan = quant.plan_types([model.tensors[n] for n in names], dtype,
+                                can_hold=lambda dt: quant.has_ggml_type(dt))
+    except ValueError as e:
+        raise UsageError(where, str(e)) from None
+    notes = list(plan.notes)
+
+    w = GGUFWriter(None, cfg.arch)
+    w.add_name(_model_name(model))
+    keep_type = dtype is None and isinstance(model.metadata.get("general.file_type"), int)
+    w.add_file_type(model.metadata["general.file_type"] if keep_type else plan.file_type())
+    w.add_quantization_version(2)  # GGML_QNT_VERSION: current Q4_0/Q8_0 block layouts
+    _add_hparams(w, cfg, hidden, n_ctx, n_vocab)
+    _add_vocab(w, model, n_vocab, where, notes)
+    for n in names:
+        t, dt = model.tensors[n], plan.types[n]
+        w.add_tensor_info(n, t.shape, np.dtype(np.float32), dt.nbytes(t.n_elements), raw_dtype=quant.ggml_type(dt))
+    w.write_header_to_file(Path(tmp_path))
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    try:
+        with progress(sum(model.tensors[n].nbytes for n in names), "writing GGUF", quiet=quiet) as bar:
+            for n in names:
+                t, dt = model.tensors[n], plan.types[n]
+                arr = quant.encode(t, dt)
+                if quant.overflowed(t, dt, arr):
+                    notes.append(f"{n}: values beyond the F16 range became infinities")
+                w.write_tensor_data(arr)
+                del arr
+                bar.update(t.nbytes, n)
+    finally:
+        w.close()
+    for note in notes:
+        _warn(where, note)
+    return notes
