@@ -100,7 +100,9 @@ def load_tokenizer(path):
         raise FormatError(path, "tokenizer file not found")
     with open(path, "rb") as f:
         head = f.read(4)
-    if head[:1] == b"\x0a":  # protobuf field 1 (pieces), wire type 2
+    # protobuf: field 1 (pieces, wire type 2), a length, then the piece's own field 1 tag.
+    # A tokenizer.bin whose max_token_length is 10 also starts with 0x0a, but then zeros.
+    if head[:1] == b"\x0a" and b"\x0a" in head[2:4]:
         from ..formats.sentencepiece import read
 
         return read(path)

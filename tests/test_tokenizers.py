@@ -1,0 +1,198 @@
+"""sentencepiece tokenizer.model reader and llama2.c tokenizer.bin reader/writer.
+
+Checked against: llama2.c's own tokenizer.bin (byte-identical output), llama.cpp's
+own GGUF conversion of the same vocabulary, and the sentencepiece library on
+freshly trained models (when it is installed).
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from wconv.cli import main as cli
+from wconv.convert.load import load_tokenizer
+from wconv.errors import FormatError, UnsupportedError
+from wconv.formats import llama2c_tokenizer, sentencepiece
+from wconv.model import Tokenizer
+
+REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata")
+
+
+def real(*parts):
+    path = os.path.join(REAL, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} not available")
+    return path
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# ------------------------------------------------------------------ real files
+
+def test_tokenizer_bin_byte_identical_to_llama2c(tmp_path):
+    tok = sentencepiece.read(real("llama2c", "tokenizer.model"))
+    out = tmp_path / "tokenizer.bin"
+    llama2c_tokenizer.write(tok, out)
+    assert _bytes(out) == _bytes(real("llama2c", "tokenizer.bin"))
+
+
+def test_cli_tokenizer_to_bin(tmp_path):
+    out = tmp_path / "tok.bin"
+    res = CliRunner().invoke(cli, ["tokenizer-to-bin", real("llama2c", "tokenizer.model"), str(out)])
+    assert res.exit_code == 0, res.output
+    assert _bytes(out) == _bytes(real("llama2c", "tokenizer.bin"))
+
+
+def test_sentencepiece_matches_llama_cpp_gguf_vocab():
+    gguf = pytest.importorskip("gguf")
+    tok = sentencepiece.read(real("llama2c", "tokenizer.model"))
+    reader = gguf.GGUFReader(real("gguf", "ggml-vocab-llama-spm.gguf"))
+
+    def array(key):
+        f = reader.fields[key]
+        return [f.parts[i] for i in f.data]
+
+    def scalar(key):
+        f = reader.fields[key]
+        return int(f.parts[f.data[0]][0])
+
+    assert tok.tokens == [bytes(p) for p in array("tokenizer.ggml.tokens")]
+    assert tok.scores == [float(p[0]) for p in array("tokenizer.ggml.scores")]
+    assert tok.token_types == [int(p[0]) for p in array("tokenizer.ggml.token_type")]
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (scalar("tokenizer.ggml.bos_token_id"),
+                                                    scalar("tokenizer.ggml.eos_token_id"),
+                                                    scalar("tokenizer.ggml.unknown_token_id"))
+    assert tok.pad_id is None and tok.model == "llama"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.bin", "tok1024.bin"])
+def test_tokenizer_bin_read_write_round_trip(tmp_path, name):
+    src = real("llama2c", name)
+    tok = llama2c_tokenizer.read(src)
+    assert (tok.bos_id, tok.eos_id, tok.unk_id) == (1, 2, 0)
+    assert tok.tokens[1] == b"<s>" and tok.token_types[3] == 6  # <0x00>
+    out = tmp_path / "again.bin"
+    llama2c_tokenizer.write(tok, out)
+    assert _bytes(out) == _bytes(src)
+
+
+def test_tokenizer_bin_read_agrees_with_sentencepiece_read():
+    a = llama2c_tokenizer.read(real("llama2c", "tokenizer.bin"))
+    b = sentencepiece.read(real("llama2c", "tokenizer.model"))
+    assert a.tokens == b.tokens and a.scores == b.scores and a.token_types == b.token_types
+
+
+def test_load_tokenizer_dispatch():
+    assert len(load_tokenizer(real("llama2c", "tokenizer.model")).tokens) == 32000
+    assert len(load_tokenizer(real("llama2c", "tok1024.bin")).tokens) == 1024
+
+
+# ------------------------------------------- freshly trained sentencepiece models
+
+CORPUS = (["the quick brown fox jumps over the lazy dog %d times" % i for i in range(200)]
+          + ["héllo wörld ünïcode ✓ 你好 " * 3] * 20)
+
+
+def _train(**options) -> bytes:
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=buf, minloglevel=2, **options)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("options", [
+    dict(vocab_size=340, model_type="bpe", byte_fallback=True, user_defined_symbols=["<sep>", "<cls>"],
+         control_symbols=["<ctl>"], pad_id=3),
+    dict(vocab_size=60, model_type="unigram", bos_id=-1, eos_id=1, unk_id=2, pad_id=0),
+], ids=["bpe-bytes-userdef-pad", "unigram-no-bos"])
+def test_matches_sentencepiece_library(tmp_path, options):
+    spm = pytest.importorskip("sentencepiece")
+    proto = _train(**options)
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    tok = sentencepiece.read(path)
+    n = sp.get_piece_size()
+    assert tok.tokens == [sp.id_to_piece(i).encode("utf-8") for i in range(n)]
+    assert tok.scores == [sp.get_score(i) for i in range(n)]
+    user = set(options.get("user_defined_symbols", []))
+
+    def expected_type(i):
+        if sp.is_unknown(i):
+            return 2
+        if sp.is_control(i):
+            return 3
+        if sp.is_unused(i):
+            return 5
+        if sp.is_byte(i):
+            return 6
+        return 4 if sp.id_to_piece(i) in user else 1
+
+    assert tok.token_types == [expected_type(i) for i in range(n)]
+
+    def opt(v):
+        return None if v < 0 else v
+
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.pad_id) == (opt(sp.bos_id()), opt(sp.eos_id()),
+                                                                opt(sp.unk_id()), opt(sp.pad_id()))
+    detail = sentencepiece.read_model_proto(path)
+    assert detail.model_type == options["model_type"]
+    assert detail.byte_fallback == options.get("byte_fallback", False)
+
+
+def test_tokenizer_bin_from_trained_model_matches_llama2c_rules(tmp_path):
+    # llama2.c's rules, restated independently: BOS/EOS become "\n<s>\n" / "\n</s>\n",
+    # '▁' becomes ' ', scores kept, header = longest token.
+    spm = pytest.importorskip("sentencepiece")
+    proto = _train(vocab_size=340, model_type="bpe", byte_fallback=True)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    (tmp_path / "t.model").write_bytes(proto)
+    llama2c_tokenizer.write(sentencepiece.read(tmp_path / "t.model"), tmp_path / "t.bin")
+    pieces = []
+    for i in range(sp.get_piece_size()):
+        t = {sp.bos_id(): "\n<s>\n", sp.eos_id(): "\n</s>\n"}.get(i, sp.id_to_piece(i))
+        pieces.append((sp.get_score(i), t.replace("\u2581", " ").encode("utf-8")))
+    expected = struct.pack("<I", max(len(b) for _, b in pieces))
+    expected += b"".join(struct.pack("<fI", s, len(b)) + b for s, b in pieces)
+    assert (tmp_path / "t.bin").read_bytes() == expected
+
+
+# ----------------------------------------------------------------- bad inputs
+
+def test_bad_sentencepiece_files(tmp_path):
+    good = _bytes(real("llama2c", "tokenizer.model"))
+    for name, data in {"truncated": good[:1000], "garbage": b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+                       "empty-message": b"\x12\x00", "bad-wire": b"\x0b\x01"}.items():
+        p = tmp_path / f"{name}.model"
+        p.write_bytes(data)
+        with pytest.raises(FormatError) as e:
+            sentencepiece.read(p)
+        assert str(p) in str(e.value)
+
+
+def test_bad_tokenizer_bins(tmp_path):
+    good = _bytes(real("llama2c", "tok1024.bin"))
+    cases = {
+        "short": b"\x01\x00",
+        "truncated": good[:-3],
+        "zero-max": struct.pack("<I", 0) + struct.pack("<fi", 0.0, 1) + b"a",
+        "negative-len": struct.pack("<I", 4) + struct.pack("<fi", 0.0, -1),
+        "too-long": struct.pack("<I", 2) + struct.pack("<fi", 0.0, 3) + b"abc",
+    }
+    for name, data in cases.items():
+        p = tmp_path / f"{name}.bin"
+        p.write_bytes(data)
+        with pytest.raises(FormatError):
+            llama2c_tokenizer.read(p)
+
+
+def test_gpt2_vocab_refused_for_tokenizer_bin(tmp_path):
+    with pytest.raises(UnsupportedError):
+        llama2c_tokenizer.write(Tokenizer(model="gpt2", tokens=[b"a"]), tmp_path / "x.bin")
