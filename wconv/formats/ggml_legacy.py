@@ -1,0 +1,319 @@
+"""llama.cpp's pre-GGUF model files: unversioned `ggml`, `ggmf` v1, `ggjt` v1-v3.
+
+Byte layout (little-endian; full description in docs/ggjt.md):
+
+    u32 magic          0x67676d6c 'ggml' | 0x67676d66 'ggmf' | 0x67676a74 'ggjt'
+    u32 version        absent for 'ggml'; ggmf: 1; ggjt: 1, 2 or 3
+    u32 n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype
+    n_vocab times:     u32 len, len bytes of text, f32 score (no score in 'ggml')
+    until end of file: u32 n_dims, u32 name_len, u32 ggml_type,
+                       u32 dims[n_dims] (dims[0] = row length), name bytes,
+                       ggjt only: zero padding to the next multiple of 32 (file offset),
+                       tensor data (ggml type layout)
+
+Tensor names are Meta's (tok_embeddings.weight, layers.N.attention.wq.weight, ...).
+Quantised block layouts changed twice: ggjt v2 changed the nibble order, v3 made
+the Q4_0/Q4_1/Q8_0 scales float16. Only the current layouts are read: F32/F16 in
+every version, Q5_0/Q5_1 from ggjt v2, Q4_0/Q4_1/Q8_0 and k-quants from ggjt v3.
+The files do not record the context length, the norm epsilon or the number of kv
+heads: n_kv_heads comes from the shape of wk; context length 2048 and epsilon 5e-6
+are assumed, the defaults of llama.cpp's own GGML-to-GGUF converter.
+
+Vocabulary text is stored the way llama.cpp's old convert.py wrote it: spaces as
+' ' (not '▁'), byte tokens as the raw byte, <s>/</s> as empty strings and <unk>
+as ' \u2047 '. Reading maps it back to GGUF/sentencepiece form with the rules of
+llama.cpp's convert_llama_ggml_to_gguf.py; writing applies the inverse.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import sys
+
+import numpy as np
+
+from .. import dtypes, layouts, quant
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..model import Config, Model, Tokenizer
+from ..progress import progress
+from ..tensor import LazyTensor
+
+MAGIC_GGML, MAGIC_GGMF, MAGIC_GGJT = 0x67676D6C, 0x67676D66, 0x67676A74
+ALIGNMENT = 32  # ggjt tensor data alignment (absolute file offset)
+N_CTX_ASSUMED = 2048
+NORM_EPS_ASSUMED = 5e-6
+MAX_NAME_LEN = 4096
+MAX_TOKEN_LEN = 1 << 16
+
+# GGML types whose block layout in each file version is the one GGUF uses today.
+_CURRENT_FROM = {"F32": 0, "F16": 0, "Q5_0": 2, "Q5_1": 2, "Q4_0": 3, "Q4_1": 3, "Q8_0": 3,
+                 "Q2_K": 3, "Q3_K": 3, "Q4_K": 3, "Q5_K": 3, "Q6_K": 3}
+GGJT_TYPES = tuple(_CURRENT_FROM)  # what ggjt v3 (and so write_ggjt) can hold
+UNK_TEXT = " \u2047 ".encode()  # how old convert.py stored <unk>
+SPM_SPACE = "\u2581".encode()
+
+
+# ----------------------------------------------------------------------------- reading
+def _version_number(kind: str, version: int) -> int:
+    """0 for ggml/ggmf/ggjt v1 (old block layouts), else the ggjt version."""
+    return version if kind == "ggjt" else 0
+
+
+def _token_to_gguf(i: int, text: bytes, n_vocab: int) -> tuple[bytes, int]:
+    """(GGUF-style text, TokenType) for token i, as convert_llama_ggml_to_gguf.py decides."""
+    if i == 0:
+        return b"<unk>", 2
+    if i == 1:
+        return b"<s>", 3
+    if i == 2:
+        return b"</s>", 3
+    if not text:
+        return b"", 3
+    if 3 <= i <= 258 and len(text) == 1:
+        return f"<0x{text[0]:02X}>".encode(), 6
+    return text.replace(b" ", SPM_SPACE), 1
+
+
+def _token_to_ggml(text: bytes, ttype: int | None) -> bytes:
+    """The inverse: GGUF-style token text -> old llama.cpp vocabulary text."""
+    if ttype == 2:
+        return UNK_TEXT
+    if ttype == 3:
+        return b""
+    if ttype == 6 and len(text) == 6 and text.startswith(b"<0x") and text.endswith(b">"):
+        return bytes([int(text[3:5], 16)])
+    return text.replace(SPM_SPACE, b" ")
+
+
+class _Reader:
+    def __init__(self, buf, path):
+        self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+
+    def u32(self, what: str, n: int = 1):
+        if self.pos + 4 * n > self.end:
+            raise FormatError(self.path, f"truncated GGML file: {what} at offset {self.pos}")
+        vals = struct.unpack_from(f"<{n}I", self.buf, self.pos)
+        self.pos += 4 * n
+        return vals if n != 1 else vals[0]
+
+    def f32(self, what: str) -> float:
+        if self.pos + 4 > self.end:
+            raise FormatError(self.path, f"truncated GGML file: {what} at offset {self.pos}")
+        (v,) = struct.unpack_from("<f", self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > self.end:
+            raise FormatError(self.path, f"truncated GGML file: {what} ({n} bytes) at offset {self.pos}")
+        b = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return b
+
+
+def _magic(r: _Reader) -> tuple[str, int]:
+    magic = r.u32("magic")
+    if magic == MAGIC_GGML:
+        return "ggml", 0
+    version = r.u32("version")
+    if magic == MAGIC_GGMF and version == 1:
+        return "ggmf", 1
+    if magic == MAGIC_GGJT and version in (1, 2, 3):
+        return "ggjt", version
+    if magic in (MAGIC_GGMF, MAGIC_GGJT):
+        raise UnsupportedError(r.path, f"unknown {'ggmf' if magic == MAGIC_GGMF else 'ggjt'} version {version}")
+    raise FormatError(r.path, f"not a GGML/GGMF/GGJT file (magic {magic:#010x})")
+
+
+def read(path) -> Model:
+    """Open a legacy llama.cpp model file lazily (tensors are views of a memory map)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < 8:
+                raise FormatError(path, "too short for a GGML file")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    r = _Reader(memoryview(mm), path)
+    kind, version = _magic(r)
+    n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype = r.u32("hyperparameters", 7)
+    has_scores = kind != "ggml"
+    if not (0 < n_embd < 1 << 20 and 0 < n_head <= n_embd and 0 < n_layer < 1 << 16):
+        raise FormatError(path, f"implausible hyperparameters n_embd={n_embd} n_head={n_head} n_layer={n_layer} "
+                                "(is this a llama.cpp file?)")
+    if n_vocab * (8 if has_scores else 4) > r.end - r.pos:
+        raise FormatError(path, f"declares {n_vocab} vocabulary entries, more than the file can hold")
+
+    texts, scores = [], [] if has_scores else None
+    for i in range(n_vocab):
+        n = r.u32(f"length of token {i}")
+        if n > MAX_TOKEN_LEN:
+            raise FormatError(path, f"token {i} claims {n} bytes (is this a llama.cpp file?)")
+        texts.append(r.take(n, f"token {i}"))
+        if has_scores:
+            scores.append(r.f32(f"score of token {i}"))
+
+    tensors, raw_names = {}, {}
+    base = os.path.basename(path)
+    vnum = _version_number(kind, version)
+    while r.pos < r.end:
+        n_dims, name_len, ttype = r.u32("tensor header", 3)
+        if not 1 <= n_dims <= 4 or name_len > MAX_NAME_LEN:
+            raise FormatError(path, f"bad tensor header at offset {r.pos - 12} (n_dims {n_dims}, name length {name_len})")
+        dims = r.u32("tensor dims", n_dims)
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        name = r.take(name_len, "tensor name").decode("utf-8", "replace")
+        try:
+            dt = quant.ggml_dtype(ttype)
+        except (ValueError, KeyError):
+            raise FormatError(path, f"tensor {name}: unknown GGML type {ttype}") from None
+        if dt.name not in _CURRENT_FROM:
+            raise UnsupportedError(path, f"tensor {name}: type {dt.name} is not used by llama.cpp GGML files")
+        if vnum < _CURRENT_FROM[dt.name]:
+            label = f"{kind} v{version}" if kind != "ggml" else "unversioned ggml"
+            raise UnsupportedError(path, f"tensor {name}: {dt.name} blocks in {label} files use an old layout "
+                                         "that llama.cpp itself dropped; re-quantise from the original weights")
+        if kind == "ggjt":
+            r.pos += -r.pos % ALIGNMENT
+        n_el = math.prod(dims)
+        if dt.quantized and dims[0] % dt.block:
+            raise FormatError(path, f"tensor {name}: bad shape {list(dims)} for {dt.name}")
+        nbytes = dt.nbytes(n_el)
+        if r.pos + nbytes > r.end:
+            raise FormatError(path, f"truncated GGML file: tensor {name} needs {nbytes} bytes at offset {r.pos}")
+        canon = layouts.to_canonical(name, "meta") or name
+        if canon in tensors:
+            raise FormatError(path, f"duplicate tensor {name}")
+        shape = tuple(reversed(dims))
+        tensors[canon] = LazyTensor(canon, dt, shape, _loader(mm, r.pos, nbytes, dt, shape),
+                                    source=f"{base}:{name}", storage_key=(path, r.pos))
+        raw_names[canon] = name
+        r.pos += nbytes
+
+    tokenizer = None
+    if any(texts):
+        toks, types = zip(*(_token_to_gguf(i, t, n_vocab) for i, t in enumerate(texts))) if texts else ((), ())
+        tokenizer = Tokenizer(model="llama", tokens=list(toks), scores=scores, token_types=list(types),
+                              bos_id=1, eos_id=2, unk_id=0, source=path)
+
+    head_dim = n_embd // n_head
+    wk = tensors.get("blk.0.attn_k.weight")
+    gate = tensors.get("blk.0.ffn_gate.weight")
+    hidden = gate.shape[0] if gate is not None else ((8 * n_embd // 3 + n_mult - 1) // max(n_mult, 1)) * n_mult
+    cfg = Config(arch="llama", dim=n_embd, n_layers=n_layer, n_heads=n_head,
+                 n_kv_heads=(wk.shape[0] // head_dim) if wk is not None and head_dim else n_head,
+                 vocab_size=n_vocab, hidden_dim=hidden, max_seq_len=N_CTX_ASSUMED,
+                 norm_eps=NORM_EPS_ASSUMED, tie_embeddings=bool(tensors) and "output.weight" not in tensors)
+    metadata = {"format": kind, "version": version, "n_mult": n_mult, "n_rot": n_rot, "ftype": ftype,
+                "assumed": {"max_seq_len": N_CTX_ASSUMED, "norm_eps": NORM_EPS_ASSUMED},
+                "tensor_names": {k: v for k, v in raw_names.items() if k != v}}
+    if not tensors:
+        metadata["vocab_only"] = True
+    return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
+                 source_format=f"{kind}-v{version}" if kind != "ggml" else "ggml", source_layout="meta",
+                 path=path)
+
+
+def _loader(mm, offset, nbytes, dt, shape):
+    def load():
+        if dt.quantized:
+            return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
+        storage = dt.storage.newbyteorder("<")
+        return np.frombuffer(mm, dtype=storage, count=nbytes // storage.itemsize, offset=offset).reshape(shape)
+    return load
+
+
+# ----------------------------------------------------------------------------- writing
+def n_mult_for(dim: int, hidden: int) -> int | None:
+    """An n_mult for which old llama.cpp's formula gives `hidden`, or None if none does.
+
+    llama.cpp (ggjt era) computed n_ff = ceil((8 * n_embd / 3) / n_mult) * n_mult
+    with integer division; n_mult = hidden works whenever 8 * n_embd / 3 <= hidden.
+    """
+    base = 8 * dim // 3
+    for m in (256, 128, 64, 32, hidden):
+        if m > 0 and (base + m - 1) // m * m == hidden:
+            return m
+    return None
+
+
+def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None) -> list:
+    """Write a llama model as ggjt v3 (the last pre-GGUF llama.cpp format). Returns notes."""
+    from .gguf_io import _check_model  # the same completeness/shape checks as GGUF output
+
+    where = model.path or os.fspath(tmp_path)
+    cfg = model.config
+    if cfg.arch != "llama":
+        raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
+    if dtype == "bf16":
+        raise UsageError(where, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
+    names, hidden = _check_model(model, where)
+    notes = []
+    tensors = [model.tensors[n] for n in names]
+    if "output.weight" not in model.tensors:
+        # ggjt-era llama.cpp always loaded output.weight: store the embedding a second time.
+        tensors.append(model.tensors["token_embd.weight"].renamed("output.weight"))
+        notes.append("tied classifier: token_embd.weight is also written as output.weight")
+    try:
+        plan = quant.plan_types(tensors, dtype, can_hold=lambda dt: dt.name in GGJT_TYPES)
+    except ValueError as e:
+        raise UsageError(where, str(e)) from None
+    notes += plan.notes
+    n_kv = cfg.n_kv_heads or cfg.n_heads
+    if n_kv != cfg.n_heads:
+        notes.append(f"grouped-query attention ({cfg.n_heads} heads, {n_kv} kv heads) is not recorded in ggjt; "
+                     "readers must infer it from the wk shape (old llama.cpp needed -gqa)")
+    n_mult = n_mult_for(cfg.dim, hidden)
+    if n_mult is None:
+        n_mult = 256
+        notes.append(f"no n_mult reproduces hidden_dim {hidden} with old llama.cpp's formula; "
+                     "wrote 256 (wconv reads the size from the tensors)")
+    n_vocab = model.tensors["token_embd.weight"].shape[0]
+    vocab = _ggml_vocab(model, n_vocab, where, notes)
+
+    with open(tmp_path, "wb") as f:
+        f.write(struct.pack("<II", MAGIC_GGJT, 3))
+        f.write(struct.pack("<7I", n_vocab, cfg.dim, n_mult, cfg.n_heads, cfg.n_layers, cfg.head_dim,
+                            plan.file_type()))
+        for text, score in vocab:
+            f.write(struct.pack("<I", len(text)) + text + struct.pack("<f", score))
+        with progress(sum(t.nbytes for t in tensors), "writing ggjt", quiet=quiet) as bar:
+            for t in tensors:
+                dt = plan.types[t.name]
+                name = layouts.from_canonical(t.name, "meta").encode()
+                dims = tuple(reversed(t.shape))
+                f.write(struct.pack(f"<3I{len(dims)}I", len(dims), len(name), int(quant.ggml_type(dt)), *dims))
+                f.write(name)
+                f.write(b"\0" * (-f.tell() % ALIGNMENT))
+                arr = quant.encode(t, dt)
+                if quant.overflowed(t, dt, arr):
+                    notes.append(f"{t.name}: values beyond the F16 range became infinities")
+                arr.tofile(f)
+                del arr
+                bar.update(t.nbytes, t.name)
+    for note in notes:
+        print(f"wconv: warning: {where}: {note}", file=sys.stderr)
+    return notes
+
+
+def _ggml_vocab(model: Model, n_vocab: int, where: str, notes: list) -> list:
+    tok = model.tokenizer
+    if tok is None:
+        notes.append("no tokenizer: wrote an empty vocabulary of the right size")
+        return [(b"", 0.0)] * n_vocab
+    if tok.model != "llama":
+        raise UnsupportedError(where, f"ggjt stores sentencepiece (llama) vocabularies, not {tok.model!r}")
+    n = len(tok.tokens)
+    if n > n_vocab:
+        raise UsageError(where, f"tokenizer has {n} tokens but the model's vocabulary is {n_vocab}")
+    types = tok.token_types or [None] * n
+    scores = tok.scores or [0.0] * n
+    out = [(_token_to_ggml(t if isinstance(t, bytes) else str(t).encode(), ty), float(s))
+           for t, ty, s in zip(tok.tokens, types, scores)]
+    if n < n_vocab:
+        notes.append(f"tokenizer has {n} tokens, model vocabulary {n_vocab}: padded with empty tokens")
+        out += [(b"", 0.0)] * (n_vocab - n)
+    return out
