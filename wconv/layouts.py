@@ -122,6 +122,17 @@ LAYOUTS = {"meta": META, "llama2c-ckpt": META, "hf-llama": HF_LLAMA, "nanogpt": 
 # Prefixes that wrap a state dict without changing it.
 STRIP_PREFIXES = ("_orig_mod.", "module.")
 
+# Buffers some checkpoints save that are not weights (every runtime recomputes them),
+# as full-match regexes on names after prefix stripping.
+IGNORED_TENSORS = (
+    r"rope\.freqs",  # old Meta consolidated.NN.pth
+    r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",  # older HF Llama saves
+    r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",  # GPT-2 causal-mask buffers (HF, nanoGPT)
+)
+
+# HF GPT2Model (no LM head) saves the GPT-2 names without this prefix.
+HF_GPT2_OPTIONAL_PREFIX = "transformer."
+
 
 def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")

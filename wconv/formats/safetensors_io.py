@@ -1,0 +1,274 @@
+"""safetensors: our own header parser and a lazy, zero-copy reader; a streaming writer.
+
+File layout: u64 little-endian header length N, N bytes of JSON
+(`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}`),
+then the data region; offsets are relative to the start of the data region.
+
+We parse the header ourselves instead of using the `safetensors` library because
+its numpy API (`safe_open(...).get_tensor`) copies each tensor into memory; here a
+tensor is a view of one shared read-only mmap, made only when a writer asks.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from .. import dtypes, layouts
+from ..dtypes import DType
+from ..errors import FormatError, UnsupportedError, UsageError
+from ..progress import progress
+from ..tensor import LazyTensor
+
+# The safetensors library refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names we map to our table (same spelling).
+_ST_DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+              "F8_E5M2", "F8_E4M3", "C64")
+# Valid in the safetensors spec but without a representation here.
+_ST_UNSUPPORTED = ("F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "F8_E4M3FN")
+
+CONFIG_PREFIX = "wconv."  # __metadata__ keys carrying Config fields (as strings)
+
+
+class _Mapped:
+    """One read-only mmap of a file, opened on first use and shared by its tensors."""
+
+    def __init__(self, path: str, size: int):
+        self.path, self.size, self._mm = path, size, None
+
+    def buffer(self) -> mmap.mmap:
+        if self._mm is None:
+            try:
+                with open(self.path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size != self.size:
+                        raise FormatError(self.path, "file changed size since its header was read")
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise FormatError(self.path, f"cannot map file: {e.strerror or e}") from None
+        return self._mm
+
+
+def read_header(path) -> tuple[dict, dict, int, int]:
+    """(tensor entries in file order, __metadata__, data start, file size); validated."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise FormatError(path, f"safetensors file too short ({size} bytes) for its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(path, f"safetensors header length {n} exceeds the {MAX_HEADER_BYTES} byte limit")
+            if 8 + n > size:
+                raise FormatError(path, f"safetensors header length {n} runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(path, f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FormatError(path, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(path, "safetensors __metadata__ must map strings to strings")
+    data_start = 8 + n
+    entries = {name: _check_entry(path, name, e, size - data_start) for name, e in header.items()}
+    _check_no_overlap(path, entries)
+    return entries, metadata, data_start, size
+
+
+def _check_entry(path, name, e, data_len) -> dict:
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+        raise FormatError(path, f"tensor {name!r}: header entry needs dtype, shape and data_offsets")
+    dt_name, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+    if dt_name in _ST_UNSUPPORTED:
+        raise UnsupportedError(path, f"tensor {name!r}: dtype {dt_name} is not supported")
+    if dt_name not in _ST_DTYPES:
+        raise FormatError(path, f"tensor {name!r}: unknown dtype {dt_name!r}")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                               for s in shape):
+        raise FormatError(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    if (not isinstance(offs, list) or len(offs) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        raise FormatError(path, f"tensor {name!r}: data_offsets must be two integers, got {offs!r}")
+    begin, end = offs
+    if not 0 <= begin <= end <= data_len:
+        raise FormatError(path, f"tensor {name!r}: data_offsets [{begin}, {end}] outside the "
+                                f"{data_len}-byte data region")
+    dt = dtypes.by_name(dt_name)
+    n_elements = 1
+    for s in shape:
+        n_elements *= s
+    if n_elements * dt.itemsize != end - begin:
+        raise FormatError(path, f"tensor {name!r}: {dt_name} shape {shape} needs {n_elements * dt.itemsize} "
+                                f"bytes but data_offsets span {end - begin}")
+    return {"dtype": dt, "shape": tuple(shape), "begin": begin, "end": end}
+
+
+def _check_no_overlap(path, entries: dict) -> None:
+    spans = sorted((e["begin"], e["end"], name) for name, e in entries.items() if e["end"] > e["begin"])
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(path, f"tensors {n0!r} and {n1!r} overlap in the data region")
+
+
+def read(path) -> tuple[dict, dict]:
+    """(dict name -> LazyTensor in file order, __metadata__). Reads only the header."""
+    path = os.fspath(path)
+    entries, metadata, data_start, size = read_header(path)
+    mapped = _Mapped(path, size)
+    base = os.path.basename(path)
+    # File order is data order (the JSON object itself is usually sorted by name).
+    ordered = sorted(entries.items(), key=lambda kv: (kv[1]["begin"], kv[1]["end"]))
+    tensors = {}
+    for name, e in ordered:
+        tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(mapped, data_start, e),
+                                   f"{base}:{name}", (path, "safetensors", data_start + e["begin"]))
+    return tensors, metadata
+
+
+def _loader(mapped: _Mapped, data_start: int, e: dict):
+    dt, begin, end = e["dtype"], e["begin"], e["end"]
+    storage = dt.storage.newbyteorder("<")  # safetensors data is little-endian
+    count = (end - begin) // dt.itemsize
+    if dt is dtypes.C64:
+        storage, count = np.dtype("<c8"), (end - begin) // 8
+
+    def load():
+        arr = np.frombuffer(mapped.buffer(), dtype=storage, count=count, offset=data_start + begin)
+        return arr.reshape(e["shape"])
+
+    return load
+
+
+# --- writer ----------------------------------------------------------------------
+
+_OUT_DTYPES = {"f32": dtypes.F32, "f16": dtypes.F16, "bf16": dtypes.BF16}
+
+
+def _out_dtype(t: LazyTensor, requested: DType | None) -> DType:
+    if requested is not None and t.dtype.is_float and t.dtype.name not in ("C64", "C128", "C32"):
+        return requested
+    if t.dtype.name in _ST_DTYPES:
+        return t.dtype
+    if t.dtype.quantized or t.dtype.name.startswith("F8_"):
+        return dtypes.F32  # no safetensors form: store the dequantised values
+    raise UnsupportedError(t.source or t.name, f"tensor {t.name}: dtype {t.dtype} cannot be stored in safetensors")
+
+
+def _convert(t: LazyTensor, out: DType) -> np.ndarray:
+    if out is t.dtype:
+        return t.raw()
+    if out is dtypes.BF16:
+        return dtypes.f32_to_bf16(t.float32())
+    return t.float32().astype(out.storage)
+
+
+def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's interleaved rotary rows -> HF's half-split rows (per head: evens then odds)."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of hf_permute: HF's half-split rows -> Meta's interleaved rows."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def _hf_plan(model) -> list:
+    """[(hf name, lazy tensor in HF's orientation)] for names="hf"."""
+    cfg = model.config
+    layout = {"llama": "hf-llama", "gpt2": "hf-gpt2"}.get(cfg.arch)
+    if layout is None:
+        raise UsageError(model.path or None, f"no Hugging Face names for architecture {cfg.arch!r}")
+    plan = []
+    for name, t in model.tensors.items():
+        hf_name = layouts.from_canonical(name, layout)
+        if hf_name is None:
+            raise UsageError(model.path or None, f"tensor {name} has no Hugging Face {layout} name")
+        template, _ = layouts.template_of(name)
+        if layout == "hf-llama" and template in ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight"):
+            heads = cfg.n_heads if template == "blk.{i}.attn_q.weight" else cfg.n_kv_heads
+            if not heads or t.shape[0] % (2 * heads):
+                raise UsageError(model.path or None, f"{name}: cannot permute {t.shape[0]} rows for {heads} heads")
+            t = t.derive(lambda a, h=heads: hf_permute(a, h))
+        elif layout == "hf-gpt2" and template in layouts.HF_GPT2_TRANSPOSED:
+            t = t.derive(lambda a: np.ascontiguousarray(a.T), shape=t.shape[::-1])
+        plan.append((hf_name, t))
+    return plan
+
+
+def config_metadata(model) -> dict:
+    """__metadata__ strings: format 'pt' (what HF loaders expect) and the Config fields."""
+    meta = {"format": "pt"}
+    for key, value in model.config.to_dict().items():
+        meta[CONFIG_PREFIX + key] = json.dumps(value)
+    return meta
+
+
+def hf_config(model) -> dict:
+    """A config.json for the HF-named file `write(..., names="hf")` produces."""
+    c = model.config
+    if c.arch == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
+                "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+                "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+                "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq_len,
+                "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
+                "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False}
+    if c.arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": c.dim,
+                "n_layer": c.n_layers, "n_head": c.n_heads, "n_positions": c.max_seq_len,
+                "n_inner": c.hidden_dim, "vocab_size": c.vocab_size, "layer_norm_epsilon": c.norm_eps,
+                "activation_function": "gelu_new", "tie_word_embeddings": c.tie_embeddings}
+    raise UsageError(model.path or None, f"no Hugging Face config for architecture {c.arch!r}")
+
+
+def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical") -> None:
+    """Stream `model` to `tmp_path`: header first, then one tensor's bytes at a time."""
+    requested = None
+    if dtype is not None:
+        requested = dtype if isinstance(dtype, DType) else _OUT_DTYPES.get(str(dtype).lower())
+        if requested is None or requested.name not in ("F32", "F16", "BF16"):
+            raise UsageError(tmp_path, f"safetensors output supports dtype f32, f16 or bf16, not {dtype}")
+    if names == "canonical":
+        plan = list(model.tensors.items())
+    elif names == "hf":
+        plan = _hf_plan(model)
+    else:
+        raise UsageError(tmp_path, f"names must be 'canonical' or 'hf', not {names!r}")
+
+    header, offset, items = {"__metadata__": config_metadata(model)}, 0, []
+    for out_name, t in plan:
+        out = _out_dtype(t, requested)
+        nbytes = out.nbytes(t.n_elements)
+        header[out_name] = {"dtype": out.name, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        items.append((out_name, t, out, nbytes))
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # pad so the data region starts 8-byte aligned
+
+    with open(tmp_path, "wb") as f, progress(offset, "writing safetensors", quiet=quiet) as bar:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for out_name, t, out, nbytes in items:
+            arr = np.ascontiguousarray(_convert(t, out))
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            data = arr.reshape(-1).view(np.uint8)  # zero-copy bytes, also for 0-d and empty tensors
+            if len(data) != nbytes:
+                raise FormatError(t.source or t.name, f"tensor {t.name}: produced {len(data)} bytes, expected {nbytes}")
+            f.write(data)
+            del arr, data
+            bar.update(nbytes)
