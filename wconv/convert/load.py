@@ -38,6 +38,12 @@ def sniff(path: str) -> str:
         return "llama2c"
     if head[:4] in GGML_MAGICS:
         return "ggml"
+    # llama2.c v0 has no magic and its first int (dim, e.g. 128 = 0x80) can look like a pickle
+    # opcode; its header must match the file size exactly, which nothing else does by accident.
+    from ..formats.llama2c import looks_like_v0
+
+    if looks_like_v0(path):
+        return "llama2c"
     if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
         return "torch-legacy"
     if len(head) >= 9 and head[8:9] == b"{":
