@@ -1,0 +1,105 @@
+"""The pre-1.6 torch.save stream (`_use_new_zipfile_serialization=False`).
+
+Layout: five pickles back to back - magic number, protocol version (1001), sys_info
+dict, the object itself (storages as persistent ids ('storage', type, key, location,
+numel, view)), the sorted list of storage keys - then for each key in that order an
+int64 element count followed by the raw elements. torch writes both little-endian
+whatever the machine. We record where each storage's bytes start (reading only its
+8-byte count) and map them lazily.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+from ..errors import FormatError, UnsupportedError
+from .torch_file import Storage, TorchFile, _storage_pid, make_unpickler
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+
+
+def _small_pickle(mf, view, pos, what, limits):
+    vm = make_unpickler(view, path=mf.path, where=f"{what} pickle", start=pos, limits=limits)
+    return vm.load(), vm.end_pos
+
+
+def open_legacy(mf, path, allow_unknown_globals, limits) -> TorchFile:
+    view = mf.view(0, mf.size, "file")  # the pickles are read in place, in order
+    try:
+        magic, pos = _small_pickle(mf, view, 0, "magic number", limits)
+    except FormatError:
+        magic, pos = None, 0
+    if magic != MAGIC_NUMBER or type(magic) is not int:
+        if mf.size > 262 and mf.read(257, 5) == b"ustar":
+            raise UnsupportedError(path, "this is a torch < 0.4 tar checkpoint; re-save it with a newer torch")
+        raise FormatError(path, "not a torch checkpoint (neither a zip archive nor the legacy magic number)")
+    proto, pos = _small_pickle(mf, view, pos, "protocol version", limits)
+    if proto != PROTOCOL_VERSION:
+        raise UnsupportedError(path, f"legacy torch file with protocol version {proto!r:.20} "
+                                     f"(only {PROTOCOL_VERSION} is supported)")
+    sys_info, pos = _small_pickle(mf, view, pos, "sys_info", limits)
+    if type(sys_info) is not dict:
+        raise FormatError(path, "legacy torch file: sys_info is not a dict")
+
+    base = os.path.basename(path)
+    storages: dict = {}  # root key -> Storage
+    views: dict = {}  # view key -> Storage
+
+    def persistent_load(ctx, pid):
+        parsed = _storage_pid(ctx, pid, legacy=True)
+        if parsed is None:  # pickled nn.Module source, tolerated for inspection
+            return None
+        dt, key, location, numel = parsed
+        root = storages.get(key)
+        if root is None:
+            root = Storage(key, dt, numel * dt.itemsize, location, f"{base}:storage {key}", path)
+            storages[key] = root
+        view_meta = pid[5]
+        if view_meta is None:
+            return root
+        # Storage views (torch < 0.4): (view key, element offset, element count) of the root.
+        if (type(view_meta) is not tuple or len(view_meta) != 3 or type(view_meta[0]) is not str
+                or not all(type(v) is int and v >= 0 for v in view_meta[1:])):
+            ctx.fail("bad storage view in persistent id")
+        vkey, off, size = view_meta
+        if vkey in views:
+            return views[vkey]
+        start, nbytes = off * root.dtype.itemsize, size * root.dtype.itemsize
+        if start + nbytes > root.nbytes:
+            ctx.fail(f"storage view {vkey} reaches beyond storage {key}")
+        st = Storage(vkey, root.dtype, nbytes, location, f"{base}:storage {key}[{off}:{off + size}]", path)
+        st.fetch = lambda: root.data()[start:start + nbytes]
+        views[vkey] = st
+        return st
+
+    vm = make_unpickler(view, path=path, where="main pickle", start=pos, persistent_load=persistent_load,
+                        allow_unknown_globals=allow_unknown_globals, limits=limits)
+    root_obj = vm.load()
+    pos = vm.end_pos
+    keys, pos = _small_pickle(mf, view, pos, "storage keys", limits)
+    if type(keys) is not list or not all(type(k) is str for k in keys):
+        raise FormatError(path, "legacy torch file: storage key list is not a list of strings")
+    if len(set(keys)) != len(keys):
+        raise FormatError(path, "legacy torch file lists a storage twice")
+    for key in keys:
+        st = storages.get(key)
+        if st is None:
+            raise FormatError(path, f"legacy torch file has data for storage {key} that nothing uses")
+        (numel,) = struct.unpack("<q", mf.read(pos, 8, f"header of storage {key}"))
+        if numel * st.dtype.itemsize != st.nbytes:
+            raise FormatError(path, f"storage {key} holds {numel} elements in the file but the pickle "
+                                    f"declares {st.nbytes // max(st.dtype.itemsize, 1)}")
+        data_at = pos + 8
+        mf.check_range(data_at, st.nbytes, f"data of storage {key}")  # arithmetic only, reads nothing
+        st.fetch = _fetcher(mf, data_at, st.nbytes, key)
+        pos = data_at + st.nbytes
+    missing = [k for k in storages if k not in set(keys)]
+    if missing:
+        raise FormatError(path, f"legacy torch file has no data for storage {missing[0]}")
+    return TorchFile(path, "torch-legacy", root_obj, {**storages, **views}, vm.proto, "little",
+                     str(PROTOCOL_VERSION), None, vm.globals_seen, vm.unknown_globals)
+
+
+def _fetcher(mf, offset, nbytes, key):
+    return lambda: mf.view(offset, nbytes, f"data of storage {key}")

@@ -1,0 +1,229 @@
+"""Zip archives as torch.save writes them, read from a memory map with our own parser.
+
+torch's writer sets the sizes in each local header to zero and puts the real ones in the
+central directory (and in data descriptors), so sizes always come from the central
+directory; the local header is only read, lazily, to find where a member's data starts.
+Stored members are returned as zero-copy views of the map; deflated members are
+decompressed with their declared size as a hard bound.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+from ..errors import FormatError, UnsupportedError
+
+_EOCD = b"PK\x05\x06"
+_EOCD64 = b"PK\x06\x06"
+_EOCD64_LOCATOR = b"PK\x06\x07"
+_CENTRAL = b"PK\x01\x02"
+_LOCAL = b"PK\x03\x04"
+_MAX_DEFLATE_RATIO = 1032  # deflate cannot expand data by more than this
+_U32 = 0xFFFFFFFF
+
+
+class MappedFile:
+    """A read-only memory map of one file, with bounds-checked access.
+
+    All reads of file contents by the torch readers go through `read` (copies, for
+    headers and pickles) or `view` (zero-copy, for tensor data), which makes laziness
+    testable by instrumenting these two methods.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        try:
+            with open(self.path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                if self.size == 0:
+                    raise FormatError(self.path, "file is empty")
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise FormatError(self.path, f"cannot read: {e.strerror or e}") from None
+
+    def check_range(self, offset: int, n: int, what: str):
+        if offset < 0 or n < 0 or offset + n > self.size:
+            raise FormatError(self.path, f"{what} (bytes {offset}..{offset + n}) lies beyond the end of the "
+                                         f"{self.size}-byte file: truncated or corrupt")
+
+    def read(self, offset: int, n: int, what: str = "data") -> bytes:
+        self.check_range(offset, n, what)
+        return self._map[offset:offset + n]
+
+    def view(self, offset: int, n: int, what: str = "data") -> memoryview:
+        self.check_range(offset, n, what)
+        return memoryview(self._map)[offset:offset + n]
+
+    def rfind(self, needle: bytes, start: int, end: int) -> int:
+        return self._map.rfind(needle, max(0, start), end)
+
+
+@dataclass
+class ZipMember:
+    name: str
+    method: int  # 0 stored, 8 deflate
+    flags: int
+    crc: int
+    compressed_size: int
+    size: int
+    header_offset: int
+    _data_offset: int | None = None
+
+
+class ZipArchive:
+    """The central directory of a zip file; member data is located on demand."""
+
+    def __init__(self, mf: MappedFile):
+        self.mf = mf
+        self.path = mf.path
+        self.members: dict[str, ZipMember] = {}
+        self._read_directory()
+
+    def _fail(self, message):
+        raise FormatError(self.path, message)
+
+    def _find_eocd(self) -> int:
+        size = self.mf.size
+        end = size
+        while True:
+            pos = self.mf.rfind(_EOCD, size - 22 - 0xFFFF, end)
+            if pos < 0:
+                self._fail("zip archive without an end-of-central-directory record: truncated or corrupt")
+            if pos + 22 <= size:
+                comment_len = struct.unpack_from("<H", self.mf.read(pos + 20, 2))[0]
+                if pos + 22 + comment_len == size:
+                    return pos
+            end = pos  # a signature inside the comment or data: keep looking backwards
+
+    def _read_directory(self):
+        mf = self.mf
+        eocd = self._find_eocd()
+        (_, disk, cd_disk, _, n_entries, cd_size, cd_offset, _) = struct.unpack(
+            "<4sHHHHIIH", mf.read(eocd, 22, "end of central directory"))
+        if disk != 0 or cd_disk != 0:
+            raise UnsupportedError(self.path, "multi-disk zip archives are not supported")
+        if n_entries == 0xFFFF or cd_size == _U32 or cd_offset == _U32:
+            n_entries, cd_size, cd_offset = self._read_zip64_eocd(eocd)
+        if cd_offset + cd_size > eocd:
+            self._fail("zip central directory overlaps its end record: truncated or corrupt")
+        if n_entries * 46 > cd_size:
+            self._fail("zip central directory is smaller than its entry count")
+        self.cd_offset = cd_offset
+        directory = mf.read(cd_offset, cd_size, "zip central directory")
+        pos = 0
+        for _ in range(n_entries):
+            if pos + 46 > cd_size or directory[pos:pos + 4] != _CENTRAL:
+                self._fail("corrupt zip central directory entry")
+            (flags, method, crc, csize, usize, nlen, elen, clen, lho) = struct.unpack_from(
+                "<8xHH4xIIIHHH8xI", directory, pos)
+            name_raw = directory[pos + 46:pos + 46 + nlen]
+            extra = directory[pos + 46 + nlen:pos + 46 + nlen + elen]
+            pos += 46 + nlen + elen + clen
+            if pos > cd_size:
+                self._fail("corrupt zip central directory entry")
+            name = name_raw.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+            if _U32 in (csize, usize, lho):
+                usize, csize, lho = self._zip64_extra(extra, usize, csize, lho, name)
+            if name in self.members:
+                self._fail(f"zip archive lists member '{name}' twice")
+            if lho + 30 + nlen + csize > cd_offset:
+                self._fail(f"zip member '{name}' lies beyond the start of the central directory: "
+                           "truncated or corrupt")
+            self.members[name] = ZipMember(name, method, flags, crc, csize, usize, lho)
+
+    def _read_zip64_eocd(self, eocd: int):
+        loc = eocd - 20
+        if loc < 0 or self.mf.read(loc, 4) != _EOCD64_LOCATOR:
+            self._fail("zip64 archive without its end-of-central-directory locator")
+        rec = struct.unpack_from("<Q", self.mf.read(loc + 8, 8))[0]
+        if rec + 56 > loc or self.mf.read(rec, 4) != _EOCD64:
+            self._fail("corrupt zip64 end-of-central-directory record")
+        n_entries, cd_size, cd_offset = struct.unpack_from("<24xQQQ", self.mf.read(rec + 8, 48))
+        if cd_offset + cd_size > rec:
+            self._fail("zip64 central directory overlaps its end record")
+        return n_entries, cd_size, cd_offset
+
+    def _zip64_extra(self, extra: bytes, usize, csize, lho, name):
+        pos = 0
+        while pos + 4 <= len(extra):
+            tag, size = struct.unpack_from("<HH", extra, pos)
+            body = extra[pos + 4:pos + 4 + size]
+            pos += 4 + size
+            if tag != 1:
+                continue
+            values = []
+            for i in range(len(body) // 8):
+                values.append(struct.unpack_from("<Q", body, 8 * i)[0])
+            it = iter(values)
+            try:  # only the fields that overflowed are present, in this order
+                if usize == _U32:
+                    usize = next(it)
+                if csize == _U32:
+                    csize = next(it)
+                if lho == _U32:
+                    lho = next(it)
+            except StopIteration:
+                break
+            return usize, csize, lho
+        self._fail(f"zip member '{name}' needs a zip64 extra field but has none")
+
+    # --- member data ---
+    def data_offset(self, m: ZipMember) -> int:
+        """Where member data starts: after the local header, whose extra field torch uses for alignment."""
+        if m._data_offset is None:
+            head = self.mf.read(m.header_offset, 30, f"zip member '{m.name}' header")
+            if head[:4] != _LOCAL:
+                self._fail(f"zip member '{m.name}' has no local header at offset {m.header_offset}")
+            nlen, elen = struct.unpack_from("<HH", head, 26)
+            local_name = self.mf.read(m.header_offset + 30, nlen, f"zip member '{m.name}' header")
+            if local_name.decode("utf-8" if m.flags & 0x800 else "cp437", "replace") != m.name:
+                self._fail(f"zip member '{m.name}': local header names a different file")
+            start = m.header_offset + 30 + nlen + elen
+            if start + m.compressed_size > self.cd_offset:
+                self._fail(f"zip member '{m.name}' data runs into the central directory: truncated or corrupt")
+            m._data_offset = start
+        return m._data_offset
+
+    def _check_method(self, m: ZipMember):
+        if m.flags & 0x1:
+            raise UnsupportedError(self.path, f"zip member '{m.name}' is encrypted")
+        if m.method == 0:
+            if m.compressed_size != m.size:
+                self._fail(f"stored zip member '{m.name}' has inconsistent sizes")
+        elif m.method == 8:
+            if m.size > _MAX_DEFLATE_RATIO * m.compressed_size + 1024:
+                self._fail(f"zip member '{m.name}' claims an impossible compression ratio")
+        else:
+            raise UnsupportedError(self.path, f"zip member '{m.name}' uses compression method {m.method} "
+                                              "(only stored and deflate are supported)")
+
+    def view(self, m: ZipMember):
+        """Member data: a zero-copy view if stored, else decompressed bytes (bounded by its size)."""
+        self._check_method(m)
+        start = self.data_offset(m)
+        if m.method == 0:
+            return self.mf.view(start, m.size, f"zip member '{m.name}'")
+        raw = self.mf.view(start, m.compressed_size, f"zip member '{m.name}'")
+        try:
+            d = zlib.decompressobj(-15)
+            out = d.decompress(raw, m.size)
+            # One more byte must not be produced: the stream has to end exactly here.
+            extra = d.decompress(d.unconsumed_tail, 1) if d.unconsumed_tail else b""
+        except zlib.error as e:
+            self._fail(f"zip member '{m.name}' is corrupt: {e}")
+        if len(out) != m.size or extra:
+            self._fail(f"zip member '{m.name}' does not decompress to its declared {m.size} bytes")
+        return out
+
+    def read(self, m: ZipMember, max_size: int, *, check_crc: bool = True) -> bytes:
+        """A small member's bytes (pickles, version records), CRC-checked."""
+        if m.size > max_size:
+            raise UnsupportedError(self.path, f"zip member '{m.name}' is {m.size} bytes, larger than the "
+                                              f"{max_size}-byte limit for it")
+        data = bytes(self.view(m))
+        if check_crc and zlib.crc32(data) != m.crc:
+            self._fail(f"zip member '{m.name}' fails its CRC check: corrupt")
+        return data
