@@ -498,7 +498,8 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
                 _check_complete(canon, cfg, problems)
 
     if problems.layout or cfg is None:
-        metadata["layout_guess"] = layout
+        if layout != "unknown":
+            metadata["layout_guess"] = layout
         metadata["warnings"] = problems.layout + problems.other
         if problems.notes:
             metadata["notes"] = problems.notes

@@ -1,0 +1,144 @@
+"""`wconv inspect`: the JSON contract, the text view, and that no tensor data is read."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+import modelgen
+from conftest import REALDATA, fixture_path
+from wconv import tensor as tensor_mod
+from wconv.errors import WconvError
+from wconv.inspect.report import MAX_METADATA_CHARS, format_text, inspect_path, report_for
+
+torch = pytest.importorskip("torch")
+
+FIXTURES = ["meta-tiny", "meta-tiny-2shard", "meta-tiny-f16", "hf-llama-tiny", "hf-llama-tiny-bin",
+            "llama2c-ckpt.pt", "nanogpt-ckpt.pt"]
+# Real files that are models (tokenizer files are not: inspect refuses them with a WconvError).
+REAL = sorted(p for p in glob.glob(os.path.join(REALDATA, "*", "*"))
+              if not os.path.basename(p).startswith(("tok", "README")))
+REQUIRED = {"format", "arch", "layout", "config", "n_params", "n_bytes", "n_tensors", "tensors", "metadata",
+            "path", "input_files", "tokenizer", "dtypes", "report_version"}
+
+
+def check_contract(report):
+    assert REQUIRED <= report.keys()
+    text = json.dumps(report, allow_nan=False)  # strict JSON: no NaN/Infinity, only plain types
+    assert json.loads(text) == report
+    for t in report["tensors"]:
+        assert set(t) == {"name", "dtype", "shape", "n_params", "nbytes"}
+        assert isinstance(t["shape"], list) and all(isinstance(s, int) for s in t["shape"])
+    assert report["n_tensors"] == len(report["tensors"])
+    assert report["n_params"] == sum(t["n_params"] for t in report["tensors"])
+    assert report["n_bytes"] == sum(t["nbytes"] for t in report["tensors"])
+    assert len(json.dumps(report["metadata"])) <= MAX_METADATA_CHARS
+    assert not any(k.startswith("_") for k in report["metadata"])
+    return text
+
+
+@pytest.fixture
+def no_tensor_reads(monkeypatch):
+    """Every LazyTensor made while active fails the test if its data is requested."""
+    original = tensor_mod.LazyTensor.__post_init__
+
+    def post_init(self):
+        original(self)
+        name = self.name
+
+        def refuse():
+            pytest.fail(f"inspect read the data of tensor {name!r}")
+
+        self.loader = refuse
+
+    monkeypatch.setattr(tensor_mod.LazyTensor, "__post_init__", post_init)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_reports(name, no_tensor_reads):
+    report = inspect_path(fixture_path(name))
+    check_contract(report)
+    assert report["arch"] in ("llama", "gpt2")
+    assert report["format"] in ("torch-zip", "safetensors")
+    assert report["config"]["n_heads"] > 0
+    text = format_text(report)
+    assert f"layout:  {report['layout']}" in text and "blk.0.ffn_down.weight" in text
+    assert f"{report['n_params']:,} params" in text
+
+
+def test_report_numbers_match_torch():
+    report = inspect_path(fixture_path("meta-tiny"))
+    sd = torch.load(fixture_path("meta-tiny", "consolidated.00.pth"), weights_only=True)
+    assert report["n_params"] == sum(t.numel() for t in sd.values())
+    assert report["n_bytes"] == sum(t.numel() * t.element_size() for t in sd.values())
+    shapes = sorted(tuple(t.shape) for t in sd.values())
+    assert sorted(tuple(t["shape"]) for t in report["tensors"]) == shapes
+    assert {t["dtype"] for t in report["tensors"]} == {"BF16"}
+    assert report["layout"] == "meta" and report["config"]["n_kv_heads"] == 2
+    assert report["metadata"]["params"]["ffn_dim_multiplier"] == 1.3
+
+
+def test_training_checkpoint_metadata():
+    report = inspect_path(fixture_path("llama2c-ckpt.pt"))
+    ck = torch.load(fixture_path("llama2c-ckpt.pt"), weights_only=True)
+    md = report["metadata"]
+    assert md["iter_num"] == 100 and md["model_args"] == ck["model_args"]
+    assert md["optimizer"]["optimizer"]["n_tensors"] == sum(len(v) for v in ck["optimizer"]["state"].values())
+    assert report["config"]["tie_embeddings"] is True
+    assert "output.weight" not in [t["name"] for t in report["tensors"]]
+    text = format_text(report)
+    assert "iter_num: 100" in text and "optimizer:" in text and "tie_embeddings  True" in text
+
+
+@pytest.mark.parametrize("path", REAL, ids=[os.path.basename(p) for p in REAL])
+def test_real_files(path, no_tensor_reads):
+    report = inspect_path(path)
+    check_contract(report)
+    assert report["n_tensors"] >= 0 and format_text(report).startswith("path:")
+
+
+def test_custom_nanogpt_shown_as_unknown():
+    path = os.path.join(REALDATA, "torch", "nanogpt_style_small-gpt_ckpt.pt")
+    if not os.path.exists(path):
+        pytest.skip("realdata not available")
+    report = inspect_path(path)
+    assert report["arch"] == "unknown" and report["layout"] == "unknown"
+    assert "transformer.h.0.ffd.w1.weight" in [t["name"] for t in report["tensors"]]
+    assert report["metadata"]["model_args"]["n_embed"] == 64
+    assert any("ffd.w1" in w for w in report["metadata"]["warnings"])
+    assert "hyperparameters" not in format_text(report)
+
+
+def test_metadata_is_bounded():
+    model = modelgen.random_model(modelgen.llama_config(n_layers=1))
+    deep = {}
+    node = deep
+    for i in range(50):
+        node["next"] = node = {"i": i}
+    model.metadata = {"_input_files": ["x"], "tokens": [f"tok{i}" for i in range(100_000)],
+                      "scores": [float(i) for i in range(100_000)], "deep": deep, "nan": float("inf"),
+                      "blob": b"\0" * 10_000, "wide": {f"k{i}": "v" * 1000 for i in range(500)}}
+    report = report_for(model)
+    check_contract(report)
+    assert report["metadata"]["tokens"]["list_length"] == 100_000
+
+
+def test_unreadable_input_is_a_wconv_error(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x08\0\0\0\0\0\0\0{broken}")
+    with pytest.raises(WconvError, match="x.safetensors"):
+        inspect_path(bad)
+
+
+def test_cli_json_equals_library(tmp_path):
+    from click.testing import CliRunner
+
+    from wconv.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", "--json", fixture_path("nanogpt-ckpt.pt")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == inspect_path(fixture_path("nanogpt-ckpt.pt"))
+    text = CliRunner().invoke(main, ["inspect", fixture_path("nanogpt-ckpt.pt")])
+    assert text.exit_code == 0 and "layout:  nanogpt" in text.output

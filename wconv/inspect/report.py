@@ -1,0 +1,143 @@
+"""`wconv inspect`: what a file or directory holds, without reading tensor data.
+
+inspect_path() returns the JSON contract described in docs/inspect-json.md;
+format_text() renders the same report for people.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from ..convert.state_dict import summarise
+
+REPORT_VERSION = 1
+MAX_METADATA_CHARS = 64_000  # the metadata section is summarised further beyond this
+
+
+def _bounded_metadata(metadata: dict) -> dict:
+    """Metadata minus internal keys, summarised until its JSON fits MAX_METADATA_CHARS."""
+    visible = {k: v for k, v in metadata.items() if not k.startswith("_")}
+    for max_items, max_depth, max_str in ((32, 8, 300), (8, 4, 120), (4, 2, 60)):
+        out = summarise(visible, max_items=max_items, max_depth=max_depth, max_str=max_str)
+        if not isinstance(out, dict):
+            out = {"metadata": out}
+        if len(json.dumps(out)) <= MAX_METADATA_CHARS:
+            return out
+    return {"summary": f"{len(visible)} entries (too large to show)", "keys": sorted(map(str, visible))[:64]}
+
+
+def _tokenizer_summary(tok):
+    if tok is None:
+        return None
+    return {"model": tok.model, "n_tokens": len(tok.tokens), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "unk_id": tok.unk_id, "pad_id": tok.pad_id, "n_merges": len(tok.merges) if tok.merges else 0,
+            "source": tok.source}
+
+
+def report_for(model) -> dict:
+    """The inspect report of an already opened Model (reads no tensor data)."""
+    tensors = [{"name": name, "dtype": t.dtype.name, "shape": list(t.shape), "n_params": t.n_elements,
+                "nbytes": t.nbytes} for name, t in model.tensors.items()]
+    return {
+        "report_version": REPORT_VERSION,
+        "path": model.path,
+        "format": model.source_format,
+        "layout": model.source_layout,
+        "arch": model.config.arch,
+        "config": model.config.to_dict(),
+        "n_tensors": len(tensors),
+        "n_params": sum(t["n_params"] for t in tensors),
+        "n_bytes": sum(t["nbytes"] for t in tensors),
+        "dtypes": _dtype_counts(tensors),
+        "tensors": tensors,
+        "tokenizer": _tokenizer_summary(model.tokenizer),
+        "input_files": [os.fspath(p) for p in model.metadata.get("_input_files", [])],
+        "metadata": _bounded_metadata(model.metadata),
+    }
+
+
+def _dtype_counts(tensors) -> dict:
+    counts = {}
+    for t in tensors:
+        counts[t["dtype"]] = counts.get(t["dtype"], 0) + 1
+    return counts
+
+
+def inspect_path(path, *, allow_unknown_globals: bool = False) -> dict:
+    from ..convert.load import load_model
+
+    model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
+    return report_for(model)
+
+
+# --- text rendering ----------------------------------------------------------------------
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _human_count(n: int) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}"
+    return str(n)
+
+
+_CONFIG_FIELDS = {
+    "llama": ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len",
+              "norm_eps", "rope_theta", "tie_embeddings"),
+    "gpt2": ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "max_seq_len", "norm_eps",
+             "tie_embeddings", "bias"),
+}
+
+
+def format_text(report: dict) -> str:
+    lines = [f"path:    {report.get('path', '')}",
+             f"format:  {report.get('format', '')}",
+             f"layout:  {report.get('layout', '')}",
+             f"arch:    {report.get('arch', '')}"]
+    cfg = report.get("config") or {}
+    fields = _CONFIG_FIELDS.get(report.get("arch"))
+    if fields:
+        lines.append("hyperparameters:")
+        for k in fields:
+            value = cfg.get(k)
+            shown = "unknown" if value == 0 and k in ("n_heads", "n_kv_heads") else value
+            lines.append(f"  {k:<15} {shown}")
+    tok = report.get("tokenizer")
+    if tok:
+        lines.append(f"tokenizer: {tok['model']}, {tok['n_tokens']} tokens"
+                     + (f" (from {tok['source']})" if tok.get("source") else ""))
+    lines += ["", _tensor_table(report.get("tensors") or [])]
+    lines.append(f"total: {report.get('n_tensors', 0)} tensors, {report.get('n_params', 0):,} params "
+                 f"({_human_count(report.get('n_params', 0))}), {_human_bytes(report.get('n_bytes', 0))}"
+                 + (f"; dtypes {', '.join(f'{k} x{v}' for k, v in report.get('dtypes', {}).items())}"
+                    if report.get("dtypes") else ""))
+    meta = report.get("metadata") or {}
+    if meta:
+        lines += ["", "non-tensor entries:"]
+        for k, v in meta.items():
+            text = json.dumps(v, separators=(", ", ": "))
+            if len(text) > 200:
+                text = text[:197] + "..."
+            lines.append(f"  {k}: {text}")
+    return "\n".join(lines)
+
+
+def _tensor_table(tensors) -> str:
+    if not tensors:
+        return "(no tensors)"
+    rows = [("name", "dtype", "shape", "params", "bytes")]
+    for t in tensors:
+        rows.append((t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]",
+                     f"{t['n_params']:,}", f"{t['nbytes']:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    out = []
+    for r in rows:
+        out.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  "
+                   f"{r[3]:>{widths[3]}}  {r[4]:>{widths[4]}}".rstrip())
+    return "\n".join(out)
