@@ -23,11 +23,10 @@ def inspect(path, **options) -> dict:
     return inspect_path(path, **options)
 
 
-def parity(a, b, **options) -> dict:
-    """Run the numpy reference on two models and compare their logits."""
-    from .parity import compare
-
-    return compare(a, b, **options)
+# `wconv.parity` is the wconv/parity.py module made callable: importing a submodule sets
+# the package attribute of the same name, so a plain function here would be replaced by the
+# module on first use. wconv.parity(a, b, ...) == wconv.parity.compare(a, b, ...).
+from . import parity  # noqa: E402
 
 
 __all__ = ["load", "inspect", "parity", "Model", "Config", "Tokenizer", "LazyTensor", "WconvError",
