@@ -31,8 +31,10 @@ def meta_state(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab=40, hidden=48,
     out = {"tok_embeddings.weight": _t("tok_embeddings.weight", r(vocab, dim))}
     for i in range(n_layers):
         p = f"layers.{i}."
-        for name, shape in [("attention.wq.weight", (n_heads * hd, dim)), ("attention.wk.weight", (n_kv_heads * hd, dim)),
-                            ("attention.wv.weight", (n_kv_heads * hd, dim)), ("attention.wo.weight", (dim, n_heads * hd)),
+        for name, shape in [("attention.wq.weight", (n_heads * hd, dim)),
+                            ("attention.wk.weight", (n_kv_heads * hd, dim)),
+                            ("attention.wv.weight", (n_kv_heads * hd, dim)),
+                            ("attention.wo.weight", (dim, n_heads * hd)),
                             ("feed_forward.w1.weight", (hidden, dim)), ("feed_forward.w2.weight", (dim, hidden)),
                             ("feed_forward.w3.weight", (hidden, dim)), ("attention_norm.weight", (dim,)),
                             ("ffn_norm.weight", (dim,))]:
