@@ -67,7 +67,7 @@ def test_bf16_fixture_matches_torch():
         np.testing.assert_array_equal(tensors[name].float32(), t.float().numpy())
 
 
-def test_tensors_are_zero_copy_views_of_one_lazy_mmap(tmp_path, monkeypatch):
+def test_tensors_are_lazy_zero_copy_mmap_views(monkeypatch):
     path = fixture_path("hf-llama-tiny", "model.safetensors")
     opened = []
     real_mmap = mmap.mmap
@@ -79,10 +79,26 @@ def test_tensors_are_zero_copy_views_of_one_lazy_mmap(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors_io.mmap, "mmap", counting_mmap)
     tensors, _ = safetensors_io.read(path)
     assert opened == []  # opening reads the header only
-    arrays = [t.raw() for t in tensors.values()]
-    assert len(opened) == 1  # one shared map for the whole file
-    for a in arrays:
+    for i, t in enumerate(tensors.values()):
+        a = t.raw()
+        assert len(opened) == i + 1  # one map per tensor, made on request
         assert not a.flags.owndata and not a.flags.writeable
+        base = a
+        while isinstance(base, np.ndarray):
+            base = base.base
+        assert isinstance(base, mmap.mmap)  # the data lives in the mapped file
+
+
+def test_file_replaced_after_opening(tmp_path):
+    import shutil
+
+    path = tmp_path / "m.safetensors"
+    shutil.copy(fixture_path("hf-llama-tiny", "model.safetensors"), path)
+    tensors, _ = safetensors_io.read(path)
+    with open(path, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(FormatError, match="changed size"):
+        next(iter(tensors.values())).raw()
 
 
 # --- malformed files -------------------------------------------------------------------------

@@ -5,8 +5,9 @@ File layout: u64 little-endian header length N, N bytes of JSON
 then the data region; offsets are relative to the start of the data region.
 
 We parse the header ourselves instead of using the `safetensors` library because
-its numpy API (`safe_open(...).get_tensor`) copies each tensor into memory; here a
-tensor is a view of one shared read-only mmap, made only when a writer asks.
+its numpy API (`safe_open(...).get_tensor`) copies each whole tensor into memory; here
+a tensor is a zero-copy view of a read-only mmap of its byte range, made only when a
+writer asks for it.
 """
 from __future__ import annotations
 
@@ -35,22 +36,21 @@ _ST_UNSUPPORTED = ("F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "F8_E4M3FN")
 CONFIG_PREFIX = "wconv."  # __metadata__ keys carrying Config fields (as strings)
 
 
-class _Mapped:
-    """One read-only mmap of a file, opened on first use and shared by its tensors."""
+def _map_range(path: str, size: int, start: int, length: int) -> mmap.mmap:
+    """A read-only mmap covering [start, start + length) of the file (page-aligned start).
 
-    def __init__(self, path: str, size: int):
-        self.path, self.size, self._mm = path, size, None
-
-    def buffer(self) -> mmap.mmap:
-        if self._mm is None:
-            try:
-                with open(self.path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size != self.size:
-                        raise FormatError(self.path, "file changed size since its header was read")
-                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except OSError as e:
-                raise FormatError(self.path, f"cannot map file: {e.strerror or e}") from None
-        return self._mm
+    One map per tensor rather than one per file: when the writer drops the tensor the map
+    is unmapped and its pages leave our resident set, so RSS stays at about one tensor.
+    """
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != size:
+                raise FormatError(path, "file changed size since its header was read")
+            return mmap.mmap(f.fileno(), length + (start - aligned), access=mmap.ACCESS_READ, offset=aligned), \
+                start - aligned
+    except OSError as e:
+        raise FormatError(path, f"cannot map file: {e.strerror or e}") from None
 
 
 def read_header(path) -> tuple[dict, dict, int, int]:
@@ -124,27 +124,28 @@ def read(path) -> tuple[dict, dict]:
     """(dict name -> LazyTensor in file order, __metadata__). Reads only the header."""
     path = os.fspath(path)
     entries, metadata, data_start, size = read_header(path)
-    mapped = _Mapped(path, size)
     base = os.path.basename(path)
     # File order is data order (the JSON object itself is usually sorted by name).
     ordered = sorted(entries.items(), key=lambda kv: (kv[1]["begin"], kv[1]["end"]))
     tensors = {}
     for name, e in ordered:
-        tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(mapped, data_start, e),
+        tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(path, size, data_start, e),
                                    f"{base}:{name}", (path, "safetensors", data_start + e["begin"]))
     return tensors, metadata
 
 
-def _loader(mapped: _Mapped, data_start: int, e: dict):
+def _loader(path: str, size: int, data_start: int, e: dict):
     dt, begin, end = e["dtype"], e["begin"], e["end"]
     storage = dt.storage.newbyteorder("<")  # safetensors data is little-endian
-    count = (end - begin) // dt.itemsize
     if dt is dtypes.C64:
-        storage, count = np.dtype("<c8"), (end - begin) // 8
+        storage = np.dtype("<c8")
+    count = (end - begin) // storage.itemsize
 
     def load():
-        arr = np.frombuffer(mapped.buffer(), dtype=storage, count=count, offset=data_start + begin)
-        return arr.reshape(e["shape"])
+        if count == 0:
+            return np.empty(e["shape"], dtype=storage)
+        mm, skip = _map_range(path, size, data_start + begin, end - begin)
+        return np.frombuffer(mm, dtype=storage, count=count, offset=skip).reshape(e["shape"])
 
     return load
 
