@@ -84,8 +84,8 @@ def test_tensors_are_lazy_zero_copy_mmap_views(monkeypatch):
         assert len(opened) == i + 1  # one map per tensor, made on request
         assert not a.flags.owndata and not a.flags.writeable
         base = a
-        while isinstance(base, np.ndarray):
-            base = base.base
+        while isinstance(base, (np.ndarray, memoryview)):
+            base = base.base if isinstance(base, np.ndarray) else base.obj
         assert isinstance(base, mmap.mmap)  # the data lives in the mapped file
 
 
