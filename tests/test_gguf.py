@@ -357,9 +357,11 @@ def test_vocab_only_files_read_for_inspect_refused_for_conversion(realdata, tmp_
     assert m.config.arch == "llama" and len(m.tokenizer.tokens) == 32000
     with pytest.raises(UnsupportedError, match="no tensors"):
         gguf_io.write(m, os.path.join(tmp_path, "x.gguf"))
-    result = CliRunner().invoke(cli, ["convert", path, os.path.join(tmp_path, "y.gguf")])
-    assert result.exit_code == 2 and "no tensors" in result.output
-    assert not os.path.exists(os.path.join(tmp_path, "y.gguf"))
+    for ext in (".gguf", ".safetensors", ".bin", ".ggjt"):
+        out = os.path.join(tmp_path, "y" + ext)
+        result = CliRunner().invoke(cli, ["convert", path, out])
+        assert result.exit_code == 2 and "no tensors" in result.output, ext
+        assert not os.path.exists(out)
 
 
 # ----------------------------------------------------------------------------- writer refusals

@@ -5,7 +5,7 @@ import importlib
 import os
 
 from ..atomic import atomic_path
-from ..errors import UsageError
+from ..errors import UnsupportedError, UsageError
 from .load import load_model, load_tokenizer
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
@@ -39,6 +39,8 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     module, fn = WRITERS[fmt]
     writer = getattr(importlib.import_module(module), fn)
     options = {k: v for k, v in options.items() if v is not None}
+    if not model.tensors:  # e.g. llama.cpp's vocab-only GGUF files: inspectable, not convertible
+        raise UnsupportedError(model.path or None, "the model has no tensors (a vocab-only file?); nothing to convert")
     with atomic_path(out, force=force, inputs=input_files(model)) as tmp:
         writer(model, tmp, quiet=quiet, **options)
     return fmt
