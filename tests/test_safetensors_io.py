@@ -86,7 +86,7 @@ def test_tensors_are_lazy_zero_copy_mmap_views(monkeypatch):
         base = a
         while isinstance(base, (np.ndarray, memoryview)):
             base = base.base if isinstance(base, np.ndarray) else base.obj
-        assert isinstance(base, mmap.mmap)  # the data lives in the mapped file
+        assert isinstance(base, real_mmap)  # the data lives in the mapped file
 
 
 def test_file_replaced_after_opening(tmp_path):
