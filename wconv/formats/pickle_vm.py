@@ -42,8 +42,8 @@ class Limits:
     max_line: int = 4096  # text opcodes (protocol 0 ints, floats, GLOBAL names)
     max_depth: int = 200  # nesting of the finished object graph
     max_key_items: int = 4096  # elements in one tuple used as a dict key
-    work_base: int = 1 << 26  # handler work (bytes copied, items hashed) allowed up front...
-    work_per_byte: int = 16  # ...plus this much per pickle byte consumed
+    work_base: int = 1 << 22  # handler work units (items checked, bytes copied) allowed up front...
+    work_per_byte: int = 8  # ...plus this many per pickle byte consumed (about 0.1 us each)
 
 
 DEFAULT_LIMITS = Limits()
@@ -161,6 +161,7 @@ _COUNTED = {  # name -> (length prefix format, kind)
 }
 _LINE1 = {"INT", "LONG", "FLOAT", "STRING", "UNICODE", "GET", "PUT", "PERSID"}
 _LINE2 = {"GLOBAL", "INST"}
+_NO_ARG = set(OPNAMES.values()) - set(_FIXED) - set(_COUNTED) - _LINE1 - _LINE2
 
 
 class _Bad(Exception):
@@ -185,6 +186,8 @@ def _decode_string_literal(line: bytes) -> bytes:
 
 def _decode_arg(name: str, data, pos: int, end: int, limits: Limits):
     """(argument, new position) of the opcode `name` whose argument starts at `pos`."""
+    if name in _NO_ARG:
+        return None, pos
     if name in _FIXED:
         fmt = _FIXED[name]
         size = struct.calcsize(fmt)
@@ -393,6 +396,8 @@ class Unpickler:
         self.allow_unknown_globals = allow_unknown_globals
         self.limits = limits or DEFAULT_LIMITS
         self.key_types = _TOKEN_KEYS + tuple(extra_key_types)
+        # Types hashed in O(1) by value or by identity (frozensets cache their hash).
+        self._fast_key_types = frozenset(_SCALAR_KEYS + self.key_types + (frozenset,))
         self.stack: list = []
         self.marks: list = []
         self.floor = 0  # items below the innermost MARK are invisible, as in CPython
@@ -417,10 +422,22 @@ class Unpickler:
         if self.work > budget:
             self.fail("pickle needs more work than its size allows (crafted to exhaust memory or time?)")
 
+    def check_keys(self, keys) -> None:
+        """check_key for many keys; the common all-strings / small-ints case stays in C."""
+        types = set(map(type, keys))
+        if types <= self._fast_key_types:
+            return
+        if types <= self._fast_key_types | {int}:
+            ints = [k for k in keys if type(k) is int]
+            if -_MAX_SAFE_KEY_INT <= min(ints) and max(ints) <= _MAX_SAFE_KEY_INT:
+                return
+        for k in keys:
+            self.check_key(k)
+
     def check_key(self, key) -> None:
         """Refuse dict keys / set elements whose hashing could be slow or crafted to collide."""
         t = type(key)
-        if t in _SCALAR_KEYS or isinstance(key, self.key_types) or t is frozenset:
+        if t in self._fast_key_types:
             return
         if t is int:
             if -_MAX_SAFE_KEY_INT <= key <= _MAX_SAFE_KEY_INT:
@@ -472,7 +489,9 @@ class Unpickler:
 
     # -- main loop --
     def load(self):
-        data, end, limits = self.data, self.end, self.limits
+        data, end, limits, stack = self.data, self.end, self.limits, self.stack
+        max_ops, max_stack = limits.max_ops, limits.max_stack
+        dispatch = {code: (name, getattr(self, "op_" + name)) for code, name in OPNAMES.items()}
         self.pos = self.start
         try:
             while self.end_pos is None:
@@ -480,16 +499,16 @@ class Unpickler:
                     raise _Bad("truncated (no STOP opcode)")
                 self.op_pos = self.pos
                 code = data[self.pos]
-                name = OPNAMES.get(code)
-                if name is None:
+                entry = dispatch.get(code)
+                if entry is None:
                     raise _Bad(f"unknown opcode 0x{code:02x}")
                 self.ops += 1
-                if self.ops > limits.max_ops:
-                    raise _Bad(f"more than {limits.max_ops} opcodes")
-                arg, self.pos = _decode_arg(name, data, self.pos + 1, end, limits)
-                getattr(self, "op_" + name)(arg)
-                if len(self.stack) > limits.max_stack:
-                    raise _Bad(f"stack exceeds {limits.max_stack} items")
+                if self.ops > max_ops:
+                    raise _Bad(f"more than {max_ops} opcodes")
+                arg, self.pos = _decode_arg(entry[0], data, self.pos + 1, end, limits)
+                entry[1](arg)
+                if len(stack) > max_stack:
+                    raise _Bad(f"stack exceeds {max_stack} items")
         except WconvError:
             raise
         except RecursionError:
@@ -498,7 +517,8 @@ class Unpickler:
             self.fail(f"bad pickle at byte {self.op_pos}: out of memory", UnsupportedError)
         except (_Bad, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
                 UnicodeError, struct.error) as e:
-            self.fail(f"bad pickle at byte {self.op_pos} ({OPNAMES.get(data[self.op_pos], '?')}): {e}")
+            op = OPNAMES.get(data[self.op_pos], "?") if self.op_pos < end else "end of data"
+            self.fail(f"bad pickle at byte {self.op_pos} ({op}): {e}")
         result = self.stack.pop()
         check_graph(result, self)
         return result
@@ -608,8 +628,8 @@ class Unpickler:
         if len(items) % 2:
             raise _Bad("odd number of items for a dict")
         if type(target) in _DICT_TYPES:
+            self.check_keys(items[::2])
             for i in range(0, len(items), 2):
-                self.check_key(items[i])
                 target[items[i]] = items[i + 1]
         elif type(target) is UnknownObject:
             target.dict_items.extend(zip(items[::2], items[1::2]))
@@ -640,8 +660,7 @@ class Unpickler:
         items = self._pop_mark()
         target = self._top()
         if type(target) is set:
-            for item in items:
-                self.check_key(item)
+            self.check_keys(items)
             target.update(items)
         elif type(target) is UnknownObject:
             target.items.extend(items)
@@ -650,8 +669,7 @@ class Unpickler:
 
     def op_FROZENSET(self, _):
         items = self._pop_mark()
-        for item in items:
-            self.check_key(item)
+        self.check_keys(items)
         self._push(frozenset(items))
 
     # -- opcodes: memo --
@@ -889,8 +907,7 @@ def _checked_items(ctx, iterable, what):
     if type(iterable) not in (list, tuple, set, frozenset):
         ctx.fail(f"{what} expects a list or tuple, got {type(iterable).__name__}")
     ctx.charge(len(iterable))
-    for item in iterable:
-        ctx.check_key(item)
+    ctx.check_keys(list(iterable))
     return iterable
 
 
