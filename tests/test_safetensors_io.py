@@ -275,3 +275,20 @@ def test_hf_output_loads_in_transformers_with_same_logits(tmp_path, cfg):
     ours = reference.forward(model, tokens)
     assert np.abs(ours - theirs).max() < 1e-4
     assert np.abs(theirs).max() > 0.1
+
+
+def test_canonical_names_without_or_with_bad_wconv_metadata(tmp_path):
+    from safetensors.numpy import save_file
+
+    model = modelgen.random_model(modelgen.llama_config(), seed=7)
+    arrays = {n: np.ascontiguousarray(t.raw()) for n, t in model.tensors.items()}
+    plain = str(tmp_path / "plain.safetensors")
+    save_file(arrays, plain)  # another tool's file with GGUF-style names: no hyperparameters
+    with pytest.raises(UnsupportedError, match="n_heads cannot be inferred"):
+        load_safetensors_file(plain)
+    loose = load_safetensors_file(plain, strict=False)
+    assert loose.source_layout == "canonical" and loose.config.dim == 64 and loose.config.n_heads == 0
+    odd = str(tmp_path / "odd.safetensors")
+    save_file(arrays, odd, metadata={"wconv.arch": '"mamba"'})
+    with pytest.raises(UnsupportedError, match="mamba"):
+        load_safetensors_file(odd)

@@ -518,6 +518,9 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
 def _config_for(layout, canon, params, model_args, hf_config, st_metadata, problems) -> Config | None:
     if layout == "canonical":
         cfg = _canonical_config(canon, st_metadata, problems)
+        if cfg is not None and cfg.arch not in ("llama", "gpt2"):
+            problems.tensor_problem(UnsupportedError, f"wconv.arch metadata names unknown architecture {cfg.arch!r}")
+            return None
         if cfg is not None:
             return cfg
         arch = "gpt2" if "position_embd.weight" in canon else "llama"
