@@ -14,11 +14,13 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import modelgen
 from wconv.cli import main as cli
 from wconv.convert.load import load_model
-from wconv.errors import FormatError, UnsupportedError, UsageError
+from wconv.errors import FormatError, UnsupportedError, UsageError, WconvError
 from wconv.formats import ggml_legacy, gguf_io
 from wconv.model import Tokenizer
 
@@ -295,3 +297,44 @@ def test_n_mult_for_known_llama_sizes():
         m = ggml_legacy.n_mult_for(dim, hidden)
         assert m is not None and ((8 * dim // 3 + m - 1) // m) * m == hidden
     assert ggml_legacy.n_mult_for(64, 160) is None  # smaller than 8/3 * dim: no n_mult reproduces it
+
+
+def test_write_ggjt_peak_memory_is_about_one_tensor(tmp_path):
+    import tracemalloc
+
+    from test_gguf import _generated_model
+
+    m = _generated_model(modelgen.llama_config(dim=512, hidden_dim=1408, n_heads=8, n_kv_heads=8,
+                                               vocab_size=2048, n_layers=6))
+    largest = max(t.nbytes for t in m)
+    tracemalloc.start()
+    try:
+        ggml_legacy.write_ggjt(m, os.path.join(tmp_path, "big.ggjt"), quiet=True, dtype="q8_0")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * largest + (1 << 20)
+    assert peak < sum(t.nbytes for t in m) / 5
+
+
+_FUZZ = {}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=6))
+def test_corrupted_files_only_raise_wconv_errors(tmp_path, flips):
+    if "data" not in _FUZZ:
+        path, *_ = legacy_model_file(tmp_path, "ggjt", 3, QT.Q8_0, name="fuzz-src.ggjt")
+        _FUZZ["data"] = open(path, "rb").read()
+    data = bytearray(_FUZZ["data"])
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    path = os.path.join(tmp_path, "fuzz.ggjt")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    try:
+        m = ggml_legacy.read(path)
+    except WconvError:
+        return
+    for t in m.tensors.values():
+        t.float32()

@@ -532,3 +532,38 @@ def test_value_types_round_trip_through_our_parser(tmp_path):
     assert md["t.strings"] == ["a", "bé", ""] and md["t.bools"] == [True, False]
     assert md["t.long"] == {"array_length": 100, "element_type": "UINT16", "first": list(range(8))}
     assert md["vocab_only"] is True and gguf_io.read(path).tensors == {}
+
+
+# ----------------------------------------------------------------------------- memory
+def _generated_model(cfg):
+    """A model whose tensors are generated when loaded and not kept anywhere."""
+    from wconv.model import Model
+
+    m = Model(config=cfg, source_format="memory")
+    for i, name in enumerate(layouts.expected_names(cfg.arch, cfg.n_layers, cfg.tie_embeddings)):
+        shape = gguf_io.expected_shape(name, cfg, cfg.hidden_dim, cfg.max_seq_len)
+
+        def load(shape=shape, seed=i):
+            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) / 16
+        m.add(LazyTensor(name, dtypes.F32, shape, load))
+    return m
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_peak_memory_is_about_one_tensor(tmp_path, dtype):
+    import tracemalloc
+
+    cfg = modelgen.llama_config(dim=512, hidden_dim=1408, n_heads=8, n_kv_heads=4, vocab_size=2048, n_layers=6)
+    m = _generated_model(cfg)
+    total = sum(t.nbytes for t in m)
+    largest = max(t.nbytes for t in m)
+    tracemalloc.start()
+    try:
+        gguf_io.write(m, os.path.join(tmp_path, "big.gguf"), quiet=True, dtype=dtype)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"{dtype}: model {total / 2**20:.0f} MiB f32, largest tensor {largest / 2**20:.1f} MiB, "
+          f"peak while writing {peak / 2**20:.1f} MiB")
+    assert peak < 3 * largest + (1 << 20)
+    assert peak < total / 5

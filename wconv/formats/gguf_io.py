@@ -253,14 +253,16 @@ def _tokenizer(kv: dict, path: str) -> Tokenizer | None:
     if not isinstance(tokens, list) or not all(isinstance(t, bytes) for t in tokens[:1]):
         raise FormatError(path, f"tokenizer.ggml.model is {kind!r} but tokenizer.ggml.tokens is missing")
 
-    def per_token(key):
+    def per_token(key, kind):
         vals = kv.get(key)
         if vals is None:
             return None
         if not isinstance(vals, list) or len(vals) != len(tokens):
             raise FormatError(path, f"{key} has {len(vals) if isinstance(vals, list) else 'no'} entries, "
                                     f"expected one per token ({len(tokens)})")
-        return vals
+        if vals and not isinstance(vals[0], (int, float)):
+            raise FormatError(path, f"{key} holds {type(vals[0]).__name__} values, expected numbers")
+        return [kind(v) for v in vals]
 
     def scalar(key, kind=int):
         v = kv.get(key)
@@ -269,7 +271,7 @@ def _tokenizer(kv: dict, path: str) -> Tokenizer | None:
     merges = kv.get("tokenizer.ggml.merges")
     return Tokenizer(
         model=kind, tokens=tokens,
-        scores=per_token("tokenizer.ggml.scores"), token_types=per_token("tokenizer.ggml.token_type"),
+        scores=per_token("tokenizer.ggml.scores", float), token_types=per_token("tokenizer.ggml.token_type", int),
         merges=_text(merges) if isinstance(merges, list) else None,
         bos_id=scalar("tokenizer.ggml.bos_token_id"), eos_id=scalar("tokenizer.ggml.eos_token_id"),
         unk_id=scalar("tokenizer.ggml.unknown_token_id"), pad_id=scalar("tokenizer.ggml.padding_token_id"),
