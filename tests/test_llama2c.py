@@ -326,3 +326,30 @@ def test_save_refuses_to_overwrite_input(tmp_path):
     back = wconv.load(str(path))
     with pytest.raises(wconv.OutputError):
         save(back, str(path), force=True, quiet=True)
+
+
+def test_fuzzed_files_raise_only_wconv_errors(tmp_path):
+    from hypothesis import given, settings, strategies as st
+
+    model = modelgen.random_model(modelgen.llama_config(dim=32, hidden_dim=64, n_layers=1, vocab_size=40,
+                                                        max_seq_len=8))
+    blobs = {v: _write(model, tmp_path / f"v{v}.bin", version=v) for v in (0, 1, 2)}
+    path = tmp_path / "fuzz.bin"
+
+    @settings(max_examples=150, deadline=None)
+    @given(version=st.sampled_from([0, 1, 2]), cut=st.integers(0, 1 << 16),
+           flips=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), max_size=4))
+    def check(version, cut, flips):
+        data = bytearray(blobs[version][:cut])
+        for pos, val in flips:
+            if pos < len(data):
+                data[pos] = val
+        path.write_bytes(bytes(data))
+        try:
+            m = llama2c.read(str(path))
+            for t in m:  # whatever opened must also load
+                t.float32()
+        except WconvError:
+            pass
+
+    check()

@@ -196,3 +196,36 @@ def test_bad_tokenizer_bins(tmp_path):
 def test_gpt2_vocab_refused_for_tokenizer_bin(tmp_path):
     with pytest.raises(UnsupportedError):
         llama2c_tokenizer.write(Tokenizer(model="gpt2", tokens=[b"a"]), tmp_path / "x.bin")
+
+
+def test_word_and_char_models_refused(tmp_path):
+    proto = _train(vocab_size=60, model_type="char")
+    (tmp_path / "c.model").write_bytes(proto)
+    assert sentencepiece.read_model_proto(tmp_path / "c.model").model_type == "char"
+    with pytest.raises(UnsupportedError):
+        sentencepiece.read(tmp_path / "c.model")
+
+
+def test_fuzzed_inputs_raise_only_wconv_errors(tmp_path):
+    from hypothesis import given, settings, strategies as st
+    from wconv.errors import WconvError
+
+    spm_head = _bytes(real("llama2c", "tokenizer.model"))[:3000]
+    bin_head = _bytes(real("llama2c", "tok1024.bin"))[:2000]
+    path = tmp_path / "fuzz"
+
+    @settings(max_examples=150, deadline=None)
+    @given(which=st.sampled_from(["spm", "bin"]), cut=st.integers(0, 1999),
+           flips=st.lists(st.tuples(st.integers(0, 1999), st.integers(0, 255)), max_size=6))
+    def check(which, cut, flips):
+        data = bytearray((spm_head if which == "spm" else bin_head)[:cut])
+        for pos, val in flips:
+            if pos < len(data):
+                data[pos] = val
+        path.write_bytes(bytes(data))
+        try:
+            (sentencepiece.read if which == "spm" else llama2c_tokenizer.read)(path)
+        except WconvError:
+            pass
+
+    check()
