@@ -74,6 +74,11 @@ def test_bad_tokens_and_arch():
     del model.tensors["blk.1.attn_q.weight"]
     with pytest.raises(UnsupportedError):
         reference.forward(model, [1, 2])
+    for over in ({"n_kv_heads": 3}, {"n_heads": 5}, {"dim": 32}):  # config no longer fits the tensors
+        bad = modelgen.random_model(cfg)
+        bad.config = modelgen.llama_config(**over)
+        with pytest.raises(UnsupportedError):
+            reference.forward(bad, [1, 2])
 
 
 def test_generate_greedy_is_argmax_chain():

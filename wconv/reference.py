@@ -46,12 +46,17 @@ def forward(model: Model, tokens, *, float64: bool = False) -> np.ndarray:
     """Logits [T, vocab] for every position of `tokens`."""
     toks = check_tokens(model, tokens)
     dt = np.float64 if float64 else np.float32
-    arch = model.config.arch
-    if arch == "llama":
-        return _llama(model, toks, dt)
-    if arch == "gpt2":
-        return _gpt2(model, toks, dt)
-    raise UnsupportedError(model.path or None, f"the reference forward pass supports llama and gpt2, not {arch!r}")
+    c, where = model.config, model.path or None
+    if c.arch not in ("llama", "gpt2"):
+        raise UnsupportedError(where, f"the reference forward pass supports llama and gpt2, not {c.arch!r}")
+    n_kv = c.n_kv_heads or c.n_heads
+    if not c.n_heads or c.dim % c.n_heads or c.n_heads % n_kv or (c.arch == "llama" and (c.dim // c.n_heads) % 2):
+        raise UnsupportedError(where, f"config does not fit together: dim {c.dim}, n_heads {c.n_heads}, "
+                                      f"n_kv_heads {c.n_kv_heads}")
+    try:
+        return (_llama if c.arch == "llama" else _gpt2)(model, toks, dt)
+    except ValueError as e:  # a tensor whose shape disagrees with the config
+        raise UnsupportedError(where, f"tensor shapes do not fit the config: {e}") from None
 
 
 def _causal_attention(q, k, v, dt) -> np.ndarray:
