@@ -113,11 +113,7 @@ def test_llama2c_v2_file_against_source(tmp_path):
 
 
 def test_direct_judgement_when_simulation_is_impossible():
-    a = source()
-    untied = stored_as(a, "Q8_0")
-    b = Model(config=a.config)  # Q8_0 model whose tensor set differs (extra tied copy)
-    for name, t in untied.tensors.items():
-        b.add(t)
+    # A tied source against a Q8_0 copy that spells the classifier out as output.weight.
     tied_src = modelgen.random_model(modelgen.llama_config(dim=128, hidden_dim=256, vocab_size=256,
                                                            max_seq_len=64, tie_embeddings=True), seed=23)
     tied_q = stored_as(tied_src, "Q8_0")
