@@ -437,7 +437,10 @@ def test_every_truncation_is_a_format_error(tmp_path):
     data = _small_file(tmp_path)
     meta = gguf_io.read(_put(tmp_path, data, "ok.gguf")).metadata  # the intact file parses
     assert meta["GGUF.tensor_count"] == 12
-    for cut in list(range(0, 2000)) + list(range(2000, len(data) - 1, 97)):
+    header_end = min(t.storage_key[1] for t in gguf_io.read(_put(tmp_path, data, "ok.gguf")).tensors.values())
+    # every cut in the first 256 bytes, every third through the rest of the header, then a sample of the data
+    cuts = list(range(0, 256)) + list(range(256, header_end + 1, 3)) + list(range(header_end + 1, len(data) - 1, 97))
+    for cut in cuts:
         with pytest.raises(FormatError):
             gguf_io.read(_put(tmp_path, data[:cut]))
 
