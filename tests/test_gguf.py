@@ -570,3 +570,19 @@ def test_peak_memory_is_about_one_tensor(tmp_path, dtype):
           f"peak while writing {peak / 2**20:.1f} MiB")
     assert peak < 3 * largest + (1 << 20)
     assert peak < total / 5
+
+
+def test_reads_gguf_v2_and_shows_float32_metadata_as_written(tmp_path):
+    m = modelgen.random_model(modelgen.llama_config())
+    m.tokenizer = Tokenizer(model="llama", tokens=[f"t{i}".encode() for i in range(96)],
+                            scores=[0.1 * i for i in range(96)], token_types=[1] * 96)
+    data = bytearray(open(write(m, tmp_path), "rb").read())
+    data[4:8] = struct.pack("<I", 2)  # v2 differs from v3 only in allowing big-endian files
+    v2 = gguf_io.read(_put(tmp_path, bytes(data), "v2.gguf"))
+    assert v2.metadata["GGUF.version"] == 2 and v2.source_format == "gguf-v2"
+    assert GGUFReader(os.path.join(tmp_path, "v2.gguf")).fields["GGUF.version"].contents() == 2
+    assert v2.metadata["llama.attention.layer_norm_rms_epsilon"] == 1e-05
+    assert v2.metadata["tokenizer.ggml.scores"]["first"][:3] == [0.0, 0.1, 0.2]
+    assert v2.tokenizer.scores == pytest.approx([0.1 * i for i in range(96)])
+    for name, t in m.tensors.items():
+        np.testing.assert_array_equal(v2[name].float32(), t.float32())

@@ -218,11 +218,14 @@ def _text(v):
 
 def _summary(key, value, types):
     """JSON-friendly metadata value: long arrays and strings shortened for display."""
-    if types[0] == "FLOAT32":
-        value = _f32(value)
-    if isinstance(value, list) and len(value) > 2 * _SUMMARY_ITEMS:
-        return {"array_length": len(value), "element_type": types[1],
-                "first": _text(value[:_SUMMARY_ITEMS])}
+    kind, element = types
+    if kind == "FLOAT32":
+        return _f32(value)
+    if isinstance(value, list):
+        long = len(value) > 2 * _SUMMARY_ITEMS
+        head = value[:_SUMMARY_ITEMS] if long else value
+        head = [_f32(v) for v in head] if element == "FLOAT32" else _text(head)
+        return {"array_length": len(value), "element_type": element, "first": head} if long else head
     value = _text(value)
     if isinstance(value, str) and len(value) > _MAX_STRING_SHOWN:
         return value[:_MAX_STRING_SHOWN] + f"... ({len(value)} characters)"
