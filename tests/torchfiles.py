@@ -7,6 +7,7 @@ torch is a test dependency only. Every expected value comes from torch itself
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -200,3 +201,42 @@ class Canary:
 
 def pickle_with_canary(canary_path, protocol=2) -> bytes:
     return pickle.dumps({"weights": [1, 2], "x": Canary(canary_path)}, protocol=protocol)
+
+
+def write_legacy_with_storage_view(path):
+    """A legacy-format file whose tensor uses a storage *view* (written by torch < 0.4 only).
+
+    Assembled by hand from the legacy layout: magic, protocol, sys_info, the object (a
+    tensor over elements 4..6 of a 10-element FloatStorage), the key list, the storage.
+    """
+    from collections import OrderedDict
+
+    class _StorageRef:
+        def __init__(self, pid):
+            self.pid = pid
+
+    class _Tensor:
+        def __init__(self, storage, offset, size, stride):
+            self.args = (storage, offset, size, stride, False, OrderedDict())
+
+        def __reduce__(self):
+            return (torch._utils._rebuild_tensor_v2, self.args)
+
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj.pid if isinstance(obj, _StorageRef) else None
+
+    view = _StorageRef(("storage", torch.FloatStorage, "0", "cpu", 10, ("1", 4, 3)))
+    whole = _StorageRef(("storage", torch.FloatStorage, "0", "cpu", 10, None))
+    obj = {"view": _Tensor(view, 1, (2,), (1,)), "whole": _Tensor(whole, 0, (2, 5), (5, 1))}
+    buf = io.BytesIO()
+    for header in (0x1950A86A20F9469CFC6C, 1001,
+                   {"protocol_version": 1001, "little_endian": True,
+                    "type_sizes": {"short": 2, "int": 4, "long": 8}}):
+        pickle.dump(header, buf, protocol=2)
+    _Pickler(buf, protocol=2).dump(obj)
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(struct.pack("<q", 10) + np.arange(10, dtype="<f4").tobytes())
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return str(path)

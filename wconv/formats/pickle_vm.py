@@ -169,12 +169,14 @@ class _Bad(Exception):
 
 
 def _read_line(data, pos: int, end: int, max_line: int) -> tuple[bytes, int]:
-    stop = min(end, pos + max_line + 1)
-    chunk = bytes(data[pos:stop])
-    nl = chunk.find(b"\n")
-    if nl < 0:
-        raise _Bad("unterminated text argument" if stop == end else "text argument too long")
-    return chunk[:nl], pos + nl + 1
+    # Lines are short in practice: look at 64 bytes first, the whole allowance only if needed.
+    for width in (64, max_line + 1):
+        stop = min(end, pos + width)
+        chunk = bytes(data[pos:stop])
+        nl = chunk.find(b"\n")
+        if nl >= 0:
+            return chunk[:nl], pos + nl + 1
+    raise _Bad("unterminated text argument" if stop == end else "text argument too long")
 
 
 def _decode_string_literal(line: bytes) -> bytes:

@@ -25,7 +25,7 @@ from ..tensor import LazyTensor
 from . import pickle_vm
 from .pickle_vm import Global, GlobalSpec, Limits, Marker, UnknownGlobal, UnknownObject
 
-MAX_PICKLE_BYTES = 1 << 31  # data.pkl larger than this is refused rather than read
+MAX_PICKLE_BYTES = 1 << 30  # data.pkl larger than this is refused rather than read
 _MAX_DIM = 1 << 62
 _MAX_EXPAND_BYTES = 1 << 28  # materialising a zero-stride view may grow it up to this (or 16x storage)
 
@@ -519,12 +519,13 @@ def walk_tensors(root, prefix: str = ""):
             out.append((where, obj))
             continue
         if isinstance(obj, dict):
-            items = [(str(k), v) for k, v in obj.items()]
+            items = obj.items()
         elif type(obj) in (list, tuple):
-            items = [(str(i), v) for i, v in enumerate(obj)]
+            items = enumerate(obj)
         else:
             continue
-        for k, v in reversed(items):
+        items = [(str(k), v) for k, v in items if type(v) is LazyTensor or isinstance(v, (dict, list, tuple))]
+        for k, v in reversed(items):  # scalars were skipped above: paths only for what may hold tensors
             stack.append((f"{where}.{k}" if where else k, v))
     return out
 

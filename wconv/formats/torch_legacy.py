@@ -4,8 +4,8 @@ Layout: five pickles back to back - magic number, protocol version (1001), sys_i
 dict, the object itself (storages as persistent ids ('storage', type, key, location,
 numel, view)), the sorted list of storage keys - then for each key in that order an
 int64 element count followed by the raw elements. torch writes both little-endian
-whatever the machine. We record where each storage's bytes start (reading only its
-8-byte count) and map them lazily.
+whatever the machine. Storage offsets follow from the sizes declared in the pickle, so
+opening reads no storage bytes; each count is verified when its storage is first mapped.
 """
 from __future__ import annotations
 
@@ -82,18 +82,17 @@ def open_legacy(mf, path, allow_unknown_globals, limits) -> TorchFile:
         raise FormatError(path, "legacy torch file: storage key list is not a list of strings")
     if len(set(keys)) != len(keys):
         raise FormatError(path, "legacy torch file lists a storage twice")
+    # Storages follow back to back as [int64 count][bytes]; their offsets follow from the
+    # sizes the pickle declared, so opening reads none of them. Each count is checked when
+    # its storage is first read.
+    data_start = pos
     for key in keys:
         st = storages.get(key)
         if st is None:
             raise FormatError(path, f"legacy torch file has data for storage {key} that nothing uses")
-        (numel,) = struct.unpack("<q", mf.read(pos, 8, f"header of storage {key}"))
-        if numel * st.dtype.itemsize != st.nbytes:
-            raise FormatError(path, f"storage {key} holds {numel} elements in the file but the pickle "
-                                    f"declares {st.nbytes // max(st.dtype.itemsize, 1)}")
-        data_at = pos + 8
-        mf.check_range(data_at, st.nbytes, f"data of storage {key}")  # arithmetic only, reads nothing
-        st.fetch = _fetcher(mf, data_at, st.nbytes, key)
-        pos = data_at + st.nbytes
+        st.fetch = _fetcher(mf, pos, st)
+        pos += 8 + st.nbytes
+    mf.check_range(data_start, pos - data_start, "storage data")  # arithmetic only: reads nothing
     missing = [k for k in storages if k not in set(keys)]
     if missing:
         raise FormatError(path, f"legacy torch file has no data for storage {missing[0]}")
@@ -101,5 +100,16 @@ def open_legacy(mf, path, allow_unknown_globals, limits) -> TorchFile:
                      str(PROTOCOL_VERSION), None, vm.globals_seen, vm.unknown_globals)
 
 
-def _fetcher(mf, offset, nbytes, key):
-    return lambda: mf.view(offset, nbytes, f"data of storage {key}")
+def _fetcher(mf, header_at: int, st: Storage):
+    checked = []
+
+    def fetch():
+        if not checked:
+            (numel,) = struct.unpack("<q", mf.read(header_at, 8, f"header of storage {st.key}"))
+            if numel * st.dtype.itemsize != st.nbytes:
+                raise FormatError(mf.path, f"storage {st.key} holds {numel} elements in the file but the "
+                                           f"pickle declares {st.nbytes // max(st.dtype.itemsize, 1)}")
+            checked.append(True)
+        return mf.view(header_at + 8, st.nbytes, f"data of storage {st.key}")
+
+    return fetch
