@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-from .. import dtypes, layouts, quant
+from .. import layouts, quant
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..model import Config, Model, Tokenizer
 from ..progress import progress
@@ -242,7 +242,7 @@ def n_mult_for(dim: int, hidden: int) -> int | None:
 
 def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None) -> list:
     """Write a llama model as ggjt v3 (the last pre-GGUF llama.cpp format). Returns notes."""
-    from .gguf_io import _check_model  # the same completeness/shape checks as GGUF output
+    from .gguf_io import check_writable  # the same completeness/shape checks as GGUF output
 
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
@@ -250,7 +250,7 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
         raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
     if dtype == "bf16":
         raise UsageError(where, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
-    names, hidden = _check_model(model, where)
+    names, hidden = check_writable(model, where)
     notes = []
     tensors = [model.tensors[n] for n in names]
     if "output.weight" not in model.tensors:

@@ -216,7 +216,7 @@ def _text(v):
     return v
 
 
-def _summary(key, value, types):
+def _summary(value, types):
     """JSON-friendly metadata value: long arrays and strings shortened for display."""
     kind, element = types
     if kind == "FLOAT32":
@@ -330,7 +330,7 @@ def read(path) -> Model:
                                         storage_key=(path, info.offset))
 
     metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv)}
-    metadata.update({k: _summary(k, v, h.kv_types[k]) for k, v in h.kv.items()})
+    metadata.update({k: _summary(v, h.kv_types[k]) for k, v in h.kv.items()})
     metadata["GGUF.alignment"] = h.alignment
     metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"
     if not tensors:
@@ -360,8 +360,8 @@ def _warn(path, message):
     print(f"wconv: warning: {path}: {message}", file=sys.stderr)
 
 
-def _check_model(model: Model, where: str):
-    """The tensor list and shapes a llama.cpp `llama`/`gpt2` loader will accept; returns (names, hidden, ctx)."""
+def check_writable(model: Model, where: str) -> tuple[list, int]:
+    """Check tensors and shapes against what llama.cpp's llama/gpt2 loaders accept; (names, hidden_dim)."""
     cfg = model.config
     if cfg.arch not in ("llama", "gpt2"):
         raise UnsupportedError(where, f"cannot write architecture {cfg.arch!r} (wconv writes llama and gpt2)")
@@ -471,7 +471,7 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
 
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
-    names, hidden = _check_model(model, where)
+    names, hidden = check_writable(model, where)
     n_ctx = int(max_seq_len or cfg.max_seq_len or 0)
     if cfg.arch == "gpt2":
         rows = model.tensors["position_embd.weight"].shape[0]
