@@ -300,10 +300,6 @@ def test_archive_name_is_any_folder(tmp_path):
     src = torchfiles.save({"a": torch.randn(2)}, tmp_path / "whatever.pt")
     renamed = torchfiles.rewrite_zip(src, tmp_path / "r.pt")  # still 'whatever/...' inside
     assert open_torch_file(renamed).archive_name == "whatever"
-
-    def rename(name, data):
-        return data
-
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp_path / "archive.pt", "w") as zout:
         for info in zin.infolist():
             zout.writestr("archive/" + info.filename.split("/", 1)[1], zin.read(info))
@@ -564,3 +560,18 @@ def test_fuzz_mutated_files_only_raise_wconv_errors(data, tmp_path_factory):
             t.raw()
     except WconvError as e:
         assert str(path) in str(e) and "\n" not in str(e)
+
+
+def test_scan_torch_file_without_executing(tmp_path):
+    canary = tmp_path / "canary"
+    zip_path = _zip_with_pickle(tmp_path, "evil.pt", torchfiles.pickle_with_canary(canary, 4))
+    legacy = torchfiles.save({"w": torch.ones(2), "x": torchfiles.Canary(canary)}, tmp_path / "evil_l.pt", **LEGACY)
+    for path, labels in ((zip_path, ["base/data.pkl"]), (legacy, list(torch_file.LEGACY_PICKLES))):
+        found = torch_file.scan_torch_file(path)
+        assert [label for label, _ in found] == labels
+        globals_ = {g for _, res in found for g in res.globals}
+        assert ("posix", "system") in globals_ or ("os", "system") in globals_
+    clean = torch_file.scan_torch_file(torchfiles.save({"w": torch.ones(2)}, tmp_path / "ok.pt"))
+    assert {f"{m}.{n}" for m, n in clean[0][1].globals} == {
+        "torch._utils._rebuild_tensor_v2", "torch.FloatStorage", "collections.OrderedDict"}
+    assert not canary.exists()

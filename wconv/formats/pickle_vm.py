@@ -20,7 +20,7 @@ from __future__ import annotations
 import codecs
 import struct
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np

@@ -535,3 +535,41 @@ def name_tensors(root) -> None:
     for where, t in walk_tensors(root):
         if not t.name:
             t.name = where
+
+
+# --- scanning without executing ------------------------------------------------------------
+
+LEGACY_PICKLES = ("magic number", "protocol version", "sys_info", "main", "storage keys")
+
+
+def scan_torch_file(path) -> list:
+    """[(label, pickle_vm.ScanResult)] for every pickle in a torch file, none executed.
+
+    Zip archives: every `*.pkl` member (data.pkl; TorchScript's constants.pkl too).
+    Other files: the pickles found back to back from the start (five in a legacy torch
+    file, one in a plain pickle file).
+    """
+    from .torch_zip import MappedFile, ZipArchive
+
+    path = os.fspath(path)
+    mf = MappedFile(path)
+    out = []
+    try:
+        if mf.read(0, min(4, mf.size)) in (b"PK\x03\x04", b"PK\x05\x06"):
+            zf = ZipArchive(mf)
+            for name, m in zf.members.items():
+                if name.endswith(".pkl"):
+                    out.append((name, pickle_vm.scan(zf.read(m, MAX_PICKLE_BYTES), path=path)))
+            return out
+        view, pos = mf.view(0, mf.size), 0
+        for label in LEGACY_PICKLES:
+            if pos >= mf.size:
+                break
+            res = pickle_vm.scan(view, pos, path=path)
+            out.append((label, res))
+            pos = res.end
+        return out
+    except WconvError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error) as e:
+        raise FormatError(path, f"cannot scan: {type(e).__name__}: {e}") from None
