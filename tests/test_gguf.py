@@ -586,3 +586,15 @@ def test_reads_gguf_v2_and_shows_float32_metadata_as_written(tmp_path):
     assert v2.tokenizer.scores == pytest.approx([0.1 * i for i in range(96)])
     for name, t in m.tensors.items():
         np.testing.assert_array_equal(v2[name].float32(), t.float32())
+
+
+def test_neighbouring_tokenizer_of_another_model_is_not_attached(realdata, tmp_path):
+    from wconv.convert.load import load_model
+
+    # stories260K.bin (vocab 512) sits beside Llama 2's 32000-token tokenizer.model.
+    src = realdata("llama2c", "stories260K.bin")
+    assert os.path.exists(os.path.join(os.path.dirname(src), "tokenizer.model"))
+    assert load_model(src).tokenizer is None
+    out = os.path.join(tmp_path, "s.gguf")
+    save(load_model(src), out, quiet=True)
+    assert gguf_io.read(out).metadata["tokenizer.ggml.model"] == "no_vocab"

@@ -271,3 +271,16 @@ def test_we_read_llama_cpp_quantised_files(llama_cpp, quant_source, tmp_path, ft
     tokens = [1, 5, 9, 20, 33, 300, 511, 2]
     assert_matches(llama_cpp_logits(llama_cpp, path, tokens), reference.forward(model, tokens, float64=True),
                    TOL_VS_WRITTEN["q4_0"], f"llama.cpp {ftype} file vs our reading")
+
+
+@pytest.mark.parametrize("name", ["stories260K.bin", "out440k_v2_int8.bin"])
+def test_real_llama2c_exports_convert_for_llama_cpp(llama_cpp, realdata_module, tmp_path, name):
+    """Real llama2.c exports (fp32 v0 with GQA; int8 v2, dequantised on read) -> GGUF f32 -> llama.cpp."""
+    src = realdata_module("llama2c", name)
+    model = load_model(src)
+    out = os.path.join(tmp_path, "out.gguf")
+    with contextlib.redirect_stderr(io.StringIO()):
+        convert(src, out, quiet=True, dtype="f32")
+    tokens = [1, 5, 9, 20, 33, 100, 200, 300, 400, 500]
+    assert_matches(llama_cpp_logits(llama_cpp, out, tokens), reference.forward(model, tokens, float64=True),
+                   TOL_VS_WRITTEN["f32"], f"{name} vs source")

@@ -68,7 +68,10 @@ def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, str
     if tokenizer is not None:
         model.tokenizer = load_tokenizer(tokenizer)
     elif model.tokenizer is None:
-        model.tokenizer = find_tokenizer_beside(path)
+        found = find_tokenizer_beside(path)
+        # A neighbouring tokenizer.model with more tokens than the model has rows belongs to another model.
+        if found is not None and not (model.config.vocab_size and len(found.tokens) > model.config.vocab_size):
+            model.tokenizer = found
     model.path = path
     return model
 
