@@ -714,7 +714,8 @@ class Unpickler:
                 self.unknown_globals.append(qual)
             return UnknownGlobal(module, name)
         self.fail(f"refusing global '{qual}': it is not on the allowlist of data types, so loading "
-                  "could run code; nothing was executed", UnsafeFileError)
+                  "could run code; nothing was executed (`wconv inspect --allow-unknown-globals` shows it "
+                  "as an inert placeholder)", UnsafeFileError)
 
     def op_GLOBAL(self, arg):
         self._push(self.resolve_global(*arg))

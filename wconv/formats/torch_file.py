@@ -3,7 +3,13 @@
 `load_pickled(path)` returns the pickled object tree: dicts, lists, numbers, strings as
 plain Python data, every tensor as a `LazyTensor` whose bytes stay in the file (memory
 mapped) until `raw()` is called. Opening reads the zip directory and `data.pkl` (or the
-legacy pickles and storage headers) and nothing else.
+legacy pickles) and nothing else. `open_torch_file` also reports container facts,
+`walk_tensors` lists (dotted path, tensor) pairs, `scan_torch_file` decodes every pickle
+without executing it.
+
+Plain forms: torch.Size -> tuple, torch.device -> "cuda:0", dtypes/layouts -> `Marker`,
+argparse.Namespace -> `Namespace` (a dict), numpy scalars -> Python numbers, numpy arrays
+-> ndarray, unknown globals (only with allow_unknown_globals) -> `UnknownObject` records.
 
 The pickle runs in our own interpreter (`pickle_vm`) with an allowlist of torch's data
 globals: tensor rebuild functions become LazyTensors with validated views, storage and
@@ -191,7 +197,7 @@ def make_tensor(ctx, storage, offset, size, stride, dt: DType, metadata=None) ->
         ctx.fail(f"tensor size {list(shape)} and stride {list(strides)} differ in length")
     conj = neg = False
     if metadata is not None:
-        if type(metadata) not in (dict, pickle_vm.OrderedDict):
+        if not isinstance(metadata, dict):
             ctx.fail("tensor metadata is not a dict")
         conj, neg = bool(metadata.get("conj", False)), bool(metadata.get("neg", False))
     if math.prod(shape) > 0:
