@@ -16,17 +16,10 @@ def load(path, **options) -> Model:
     return load_model(path, **options)
 
 
-def inspect(path, **options) -> dict:
-    """The `wconv inspect --json` report for `path`, as a Python dict."""
-    from .inspect.report import inspect_path
-
-    return inspect_path(path, **options)
-
-
-# `wconv.parity` is the wconv/parity.py module made callable: importing a submodule sets
-# the package attribute of the same name, so a plain function here would be replaced by the
-# module on first use. wconv.parity(a, b, ...) == wconv.parity.compare(a, b, ...).
-from . import parity  # noqa: E402
+# `wconv.inspect(path)` and `wconv.parity(a, b)` are modules made callable (see their
+# docstrings): importing a submodule rebinds the package attribute of the same name, so a
+# plain function here would be replaced by the module on first use.
+from . import inspect, parity  # noqa: E402
 
 
 __all__ = ["load", "inspect", "parity", "Model", "Config", "Tokenizer", "LazyTensor", "WconvError",
