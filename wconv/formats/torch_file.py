@@ -29,6 +29,7 @@ from ..dtypes import DType
 from ..errors import FormatError, UnsafeFileError, UnsupportedError, WconvError
 from ..tensor import LazyTensor
 from . import pickle_vm
+from .pickle_globals import BASE_GLOBALS
 from .pickle_vm import Global, GlobalSpec, Limits, Marker, UnknownGlobal, UnknownObject
 
 MAX_PICKLE_BYTES = 1 << 30  # data.pkl larger than this is refused rather than read
@@ -329,7 +330,7 @@ def _get_layout(ctx, args):
 
 
 def _torch_globals() -> dict:
-    g = dict(pickle_vm.BASE_GLOBALS)
+    g = dict(BASE_GLOBALS)
     utils = "torch._utils"
     g[(utils, "_rebuild_tensor")] = GlobalSpec(call=_rebuild_tensor)
     g[(utils, "_rebuild_tensor_v2")] = GlobalSpec(call=_rebuild_tensor_v2)
