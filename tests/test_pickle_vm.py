@@ -215,6 +215,19 @@ def test_cycle_refused():
     _assert_quick_format_error(b"\x80\x02}q\x00X\x01\x00\x00\x00ah\x00s.", "cycle")
 
 
+def test_sharing_bomb_refused():
+    # x0 = []; x1 = [x0, x0]; ... x60 = [x59, x59]: 60 lists, 2**60 nodes as a tree.
+    data = b"\x80\x02]q\x000"
+    for i in range(1, 61):
+        data += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i]) + b"0"
+    data += b"h" + bytes([60]) + b"."
+    _assert_quick_format_error(data, "enormous tree")
+    # ordinary sharing (the same object in a few places) is fine
+    shared = {"w": [1, 2, 3]}
+    got = pv.loads(pickle.dumps({"a": shared, "b": [shared] * 100}, protocol=2))
+    assert got["b"][99] is got["a"]
+
+
 def test_oversized_lengths_do_not_allocate():
     _assert_quick_format_error(b"\x80\x02\x8b\xff\xff\xff\x7f" + b"\x00" * 10 + b".", "LONG4")
     _assert_quick_format_error(b"\x80\x04\x8e" + struct.pack("<Q", 1 << 60) + b"abc.", "past the end")

@@ -853,51 +853,61 @@ def _children(obj):
 
 
 def check_graph(root, ctx) -> None:
-    """Refuse cycles, over-deep nesting and unfinished objects in an unpickled result.
+    """Refuse cycles, over-deep nesting, unfinished objects and sharing bombs in a result.
 
-    Iterative, so it cannot hit Python's recursion limit; afterwards callers may walk
-    the result recursively (depth <= limits.max_depth).
+    Shared references are legitimate (the memo), but a few objects referencing each other
+    twice per level expand to 2**depth nodes for anyone walking the result as a tree; the
+    walked size must stay proportional to the real one. Iterative, so it cannot hit the
+    recursion limit; afterwards callers may walk the result recursively.
     """
     max_depth = ctx.limits.max_depth
-    height: dict = {}  # id -> height of finished containers
+    done: dict = {}  # id -> (height, size as a tree) of finished containers
     on_path: set = set()
     if isinstance(root, _Pending):
         ctx.fail("unfinished object (REDUCE without its BUILD)")
     kids = _children(root)
     if kids is None:
         return
-    # Every object visited is reachable from root, so ids stay unique during the walk.
-    stack = [(root, iter(kids), 1)]
+    edges = 0
+    # Frames are [object, child iterator, height, tree size]. Every object visited is
+    # reachable from root, so ids stay unique during the walk.
+    stack = [[root, iter(kids), 1, 1]]
     on_path.add(id(root))
     while stack:
-        obj, it, h = stack[-1]
-        for child in it:
+        frame = stack[-1]
+        for child in frame[1]:
+            edges += 1
             if isinstance(child, _Pending):
                 ctx.fail("unfinished object (REDUCE without its BUILD)")
             cid = id(child)
             if cid in on_path:
                 ctx.fail("self-referencing container (cycle) in pickle")
-            if cid in height:
-                h = max(h, height[cid] + 1)
-                if len(stack) + height[cid] > max_depth:
+            if cid in done:
+                h, size = done[cid]
+                if len(stack) + h > max_depth:
                     ctx.fail(f"objects nested more than {max_depth} levels deep")
+                frame[2] = max(frame[2], h + 1)
+                frame[3] += size
                 continue
             ckids = _children(child)
             if ckids is None:
+                frame[3] += 1
                 continue
             if len(stack) + 1 > max_depth:
                 ctx.fail(f"objects nested more than {max_depth} levels deep")
-            stack[-1] = (obj, it, h)
             on_path.add(cid)
-            stack.append((child, iter(ckids), 1))
+            stack.append([child, iter(ckids), 1, 1])
             break
         else:
-            stack.pop()
+            obj, _, h, size = stack.pop()
             on_path.discard(id(obj))
-            height[id(obj)] = h
+            done[id(obj)] = (h, size)
             if stack:
-                p, pit, ph = stack[-1]
-                stack[-1] = (p, pit, max(ph, h + 1))
+                parent = stack[-1]
+                parent[2] = max(parent[2], h + 1)
+                parent[3] += size
+    if done[id(root)][1] > 4 * edges + (1 << 20):
+        ctx.fail("shared references expand to an enormous tree when walked (crafted pickle?)")
 
 
 def loads(data, *, path=None, where: str = "pickle", allow_unknown_globals: bool = False,
