@@ -183,3 +183,7 @@ def scan(path, as_json):
     click.echo(json.dumps(result, indent=1) if as_json else format_scan(result))
     if not result["safe"]:
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -146,12 +146,13 @@ def simulate(a: Model, b: Model) -> tuple[Model | None, Model | None, str]:
         out_b.add(b[name])
         if ka == kb or ca == cb == "f32":
             continue
-        if ca == "f32":
+        # A converter computes round(float32(source), output kind), so rounding the more
+        # precise side (A on a tie) through the other's kind redoes the conversion exactly,
+        # also across two lossy kinds (bf16 -> llama2.c int8, GGUF Q8_0 -> llama2.c int8).
+        if LOSS_ORDER.index(ca) <= LOSS_ORDER.index(cb):
             lossy, precise, target = kb, a[name], out_a
-        elif cb == "f32":
-            lossy, precise, target = ka, b[name], out_b
         else:
-            return None, None, f"{name} is {ka} in A and {kb} in B: cannot redo that rounding"
+            lossy, precise, target = ka, b[name], out_b
         if not can_round(lossy):
             return None, None, f"cannot redo {lossy} rounding for {name}"
         target.add(precise.derive(lambda x, k=lossy: round_through(x, k), float_input=True))

@@ -399,7 +399,7 @@ def write(model: Model, tmp_path, *, quiet: bool = False, version: int = 0, grou
               "(override with --max-seq-len)")
     gs = pick_group_size(c.dim, hidden, group_size, model.path or None) if version == 2 else None
     if version == 2 and group_size is None and gs != DEFAULT_GROUP_SIZE:
-        _warn(f"group size {DEFAULT_GROUP_SIZE} does not divide dim {c.dim} and hidden_dim {hidden}; "
+        _warn(f"group size {DEFAULT_GROUP_SIZE} does not divide both dim {c.dim} and hidden_dim {hidden}; "
               f"using {gs}")
     params = (c.dim, hidden, c.n_layers, c.n_heads, n_kv, vocab, seq_len)
     names = tensor_order(version, c.n_layers, shared)
