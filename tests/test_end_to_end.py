@@ -197,3 +197,30 @@ def test_cli_errors_are_one_line(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("wconv: error: ") and str(bad) in lines[0], proc.stderr
     assert not (tmp_path / "o.bin").exists() and not (tmp_path / "o.gguf").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken.pth"]
+
+
+def test_nanogpt_matches_torch_on_original(tmp_path):
+    """nanoGPT ckpt (torch.compile prefixes, tied lm_head, exact GELU) vs torch on the original."""
+    ck = torch.load(fixture_path("nanogpt-ckpt.pt"), weights_only=True)
+    a = ck["model_args"]
+    sd = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}
+    per_layer = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+                 "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    tensors = {}
+    for k, v in sd.items():
+        if k in names:
+            tensors[names[k]] = _Arr(v)
+        elif k.startswith("transformer.h."):
+            i, rest = k[len("transformer.h."):].split(".", 1)
+            mod, kind = rest.rsplit(".", 1)
+            tensors[f"blk.{i}.{per_layer[mod]}.{kind}"] = _Arr(v)
+    cfg = SimpleNamespace(arch="gpt2", dim=a["n_embd"], n_layers=a["n_layer"], n_heads=a["n_head"],
+                          norm_eps=1e-5, gelu="erf")
+    ref = torch_logits(_Model(config=cfg, tensors=tensors), PROMPT)
+    ours = wconv.reference.forward(wconv.load(fixture_path("nanogpt-ckpt.pt")), PROMPT)
+    assert np.abs(ours - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
+    out = tmp_path / "n.safetensors"
+    run("convert", fixture_path("nanogpt-ckpt.pt"), out, "--quiet")
+    assert np.abs(wconv.reference.forward(wconv.load(out), PROMPT) - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)

@@ -60,6 +60,11 @@ def llama_logits(model, tokens, dtype=torch.float32) -> np.ndarray:
     return F.linear(x, _w(model, cls, dtype)).numpy()
 
 
+def _approx(c) -> str:
+    # nanoGPT's nn.GELU() is exact ("none"); GPT-2 / HF gelu_new use the tanh approximation.
+    return "none" if getattr(c, "gelu", "tanh") == "erf" else "tanh"
+
+
 def gpt2_logits(model, tokens, dtype=torch.float32) -> np.ndarray:
     c = model.config
     hd = c.dim // c.n_heads
@@ -80,7 +85,7 @@ def gpt2_logits(model, tokens, dtype=torch.float32) -> np.ndarray:
         q, k, v = (t.view(T, c.n_heads, hd).transpose(0, 1) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1).reshape(T, c.dim)
         x = x + lin(y, p + "attn_output")
-        x = x + lin(F.gelu(lin(ln(x, p + "ffn_norm"), p + "ffn_up"), approximate="tanh"), p + "ffn_down")
+        x = x + lin(F.gelu(lin(ln(x, p + "ffn_norm"), p + "ffn_up"), approximate=_approx(c)), p + "ffn_down")
     x = ln(x, "output_norm")
     cls = "output.weight" if model.get("output.weight") is not None else "token_embd.weight"
     return F.linear(x, _w(model, cls, dtype)).numpy()

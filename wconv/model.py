@@ -31,6 +31,7 @@ class Config:
     rope_theta: float = 10000.0  # llama only
     tie_embeddings: bool = False
     bias: bool = False  # gpt2: linear layers and norms have biases
+    gelu: str = "tanh"  # gpt2: "tanh" (GPT-2, HF gelu_new, llama.cpp) or "erf" (nanoGPT's nn.GELU())
 
     @property
     def head_dim(self) -> int:

@@ -37,6 +37,7 @@ check separates them from f16/bf16/q8 noise but not from q4 noise.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import types
@@ -201,6 +202,13 @@ def compare(a, b, *, tokens=None, random_tokens=None, seed=0, atol=None, float64
     check_tokens(ma, toks)
     check_tokens(mb, toks)
 
+    notes = []
+    if ma.config.arch == "gpt2" and ma.config.gelu != mb.config.gelu:
+        # The weights are what is compared; evaluate B with A's activation and say so
+        # (e.g. nanoGPT uses exact erf GELU, GGUF/llama.cpp always the tanh approximation).
+        notes.append(f"B's GELU ({mb.config.gelu}) replaced by A's ({ma.config.gelu}) for the comparison")
+        mb = Model(config=dataclasses.replace(mb.config, gelu=ma.config.gelu), tensors=mb.tensors,
+                   tokenizer=mb.tokenizer, metadata=mb.metadata, path=mb.path)
     la = forward(ma, toks, float64=float64)
     lb = forward(mb, toks, float64=float64)
     scale = float(np.abs(la).max())
@@ -218,6 +226,7 @@ def compare(a, b, *, tokens=None, random_tokens=None, seed=0, atol=None, float64
         "dtypes": {"a": dtype_summary(ma), "b": dtype_summary(mb)}, "class": cls,
         **direct, "atol": direct_atol, "min_correlation": min_corr,
         "direct_ok": direct_ok, "simulated": None, "judged_by": "direct", "ok": direct_ok,
+        "notes": notes,
     }
     if cls != "f32" and atol is None:
         sa, sb, note = simulate(ma, mb)
@@ -251,6 +260,7 @@ def format_result(r: dict) -> str:
                      f"top-1 agreement {sim['top1_agreement']:.1%}  ({sim['note']})")
     elif sim:
         lines.append(f"simulated: not possible ({sim['note']}); judged on the direct comparison")
+    lines += [f"note: {n}" for n in r.get("notes", [])]
     lines.append(f"result: {'OK' if r['ok'] else 'MISMATCH'} (judged by the {r['judged_by']} comparison)")
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@ fused qkv with bias, GELU with the tanh approximation, tied or separate lm_head.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import UnsupportedError, UsageError
@@ -130,6 +132,17 @@ def _gelu_tanh(x, dt):
     return dt(0.5) * x * (1 + np.tanh(dt(np.sqrt(2 / np.pi)) * (x + dt(0.044715) * x ** 3)))
 
 
+_erf = np.frompyfunc(math.erf, 1, 1)  # numpy has no erf; activations are small, so this is cheap
+
+
+def _gelu_erf(x, dt):
+    return (dt(0.5) * x * (1 + _erf(x.astype(np.float64) / math.sqrt(2)).astype(np.float64))).astype(dt)
+
+
+def _gelu(x, dt, kind):
+    return _gelu_erf(x, dt) if kind == "erf" else _gelu_tanh(x, dt)
+
+
 def _gpt2(model: Model, toks, dt) -> np.ndarray:
     c = model.config
     W = _weights(model, dt)
@@ -144,7 +157,7 @@ def _gpt2(model: Model, toks, dt) -> np.ndarray:
                    for j in range(3))
         x = x + _causal_attention(q, k, v, dt) @ W(p + "attn_output.weight").T + W(p + "attn_output.bias")
         h = _layer_norm(x, W(p + "ffn_norm.weight"), W(p + "ffn_norm.bias"), c.norm_eps, dt)
-        h = _gelu_tanh(h @ W(p + "ffn_up.weight").T + W(p + "ffn_up.bias"), dt)
+        h = _gelu(h @ W(p + "ffn_up.weight").T + W(p + "ffn_up.bias"), dt, c.gelu)
         x = x + h @ W(p + "ffn_down.weight").T + W(p + "ffn_down.bias")
     x = _layer_norm(x, W("output_norm.weight"), W("output_norm.bias"), c.norm_eps, dt)
     cls = "output.weight" if model.get("output.weight") is not None else "token_embd.weight"

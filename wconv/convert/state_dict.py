@@ -265,7 +265,8 @@ def _declared(layout: str, params, model_args, hf_config) -> dict:
     elif layout == "nanogpt" and model_args:
         a = model_args
         d = dict(dim=a.get("n_embd"), n_layers=a.get("n_layer"), n_heads=a.get("n_head"),
-                 vocab_size=a.get("vocab_size"), max_seq_len=a.get("block_size"), bias=a.get("bias"))
+                 vocab_size=a.get("vocab_size"), max_seq_len=a.get("block_size"), bias=a.get("bias"),
+                 gelu="erf")  # nanoGPT's MLP uses nn.GELU(), the exact erf form
     elif layout == "hf-llama" and hf_config:
         c = hf_config
         d = dict(dim=c.get("hidden_size"), n_layers=c.get("num_hidden_layers"),
@@ -277,7 +278,8 @@ def _declared(layout: str, params, model_args, hf_config) -> dict:
         c = hf_config
         d = dict(dim=c.get("n_embd"), n_layers=c.get("n_layer"), n_heads=c.get("n_head"),
                  vocab_size=c.get("vocab_size"), hidden_dim=c.get("n_inner"),
-                 max_seq_len=c.get("n_positions"), norm_eps=c.get("layer_norm_epsilon"))
+                 max_seq_len=c.get("n_positions"), norm_eps=c.get("layer_norm_epsilon"),
+                 gelu="erf" if c.get("activation_function") == "gelu" else "tanh")
     if d.get("vocab_size") is not None and d["vocab_size"] <= 0:
         d["vocab_size"] = None  # Meta writes -1: "take it from the tokenizer / embedding"
     return {k: v for k, v in d.items() if v is not None}
@@ -373,7 +375,8 @@ def _gpt2_config(canon, declared, layout, problems) -> Config:
     return Config(arch="gpt2", dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
                   vocab_size=vocab, hidden_dim=hidden, max_seq_len=n_ctx,
                   norm_eps=float(declared.get("norm_eps", 1e-5)),
-                  tie_embeddings="output.weight" not in canon, bias=bias)
+                  tie_embeddings="output.weight" not in canon, bias=bias,
+                  gelu=declared.get("gelu", "tanh"))
 
 
 def _canonical_config(canon, st_metadata, problems) -> Config | None:
