@@ -12,7 +12,6 @@ writer asks for it.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 
@@ -21,6 +20,7 @@ import numpy as np
 from .. import dtypes, layouts
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..mapped import map_array
 from ..progress import progress
 from ..tensor import LazyTensor
 
@@ -34,23 +34,6 @@ _ST_DTYPES = ("BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F3
 _ST_UNSUPPORTED = ("F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "F8_E4M3FN")
 
 CONFIG_PREFIX = "wconv."  # __metadata__ keys carrying Config fields (as strings)
-
-
-def _map_range(path: str, size: int, start: int, length: int) -> mmap.mmap:
-    """A read-only mmap covering [start, start + length) of the file (page-aligned start).
-
-    One map per tensor rather than one per file: when the writer drops the tensor the map
-    is unmapped and its pages leave our resident set, so RSS stays at about one tensor.
-    """
-    aligned = start - start % mmap.ALLOCATIONGRANULARITY
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != size:
-                raise FormatError(path, "file changed size since its header was read")
-            return mmap.mmap(f.fileno(), length + (start - aligned), access=mmap.ACCESS_READ, offset=aligned), \
-                start - aligned
-    except OSError as e:
-        raise FormatError(path, f"cannot map file: {e.strerror or e}") from None
 
 
 def read_header(path) -> tuple[dict, dict, int, int]:
@@ -129,23 +112,21 @@ def read(path) -> tuple[dict, dict]:
     ordered = sorted(entries.items(), key=lambda kv: (kv[1]["begin"], kv[1]["end"]))
     tensors = {}
     for name, e in ordered:
-        tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(path, size, data_start, e),
+        tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(path, size, data_start, name, e),
                                    f"{base}:{name}", (path, "safetensors", data_start + e["begin"]))
     return tensors, metadata
 
 
-def _loader(path: str, size: int, data_start: int, e: dict):
+def _loader(path: str, size: int, data_start: int, name: str, e: dict):
     dt, begin, end = e["dtype"], e["begin"], e["end"]
     storage = dt.storage.newbyteorder("<")  # safetensors data is little-endian
     if dt is dtypes.C64:
         storage = np.dtype("<c8")
-    count = (end - begin) // storage.itemsize
 
     def load():
-        if count == 0:
-            return np.empty(e["shape"], dtype=storage)
-        mm, skip = _map_range(path, size, data_start + begin, end - begin)
-        return np.frombuffer(mm, dtype=storage, count=count, offset=skip).reshape(e["shape"])
+        # One map per tensor (not per file): its pages leave RSS when the writer drops the array.
+        return map_array(path, data_start + begin, end - begin, storage, file_size=size,
+                         what=f"tensor {name!r}").reshape(e["shape"])
 
     return load
 

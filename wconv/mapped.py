@@ -1,0 +1,51 @@
+"""Zero-copy, on-demand views of byte ranges of a file.
+
+Every reader hands tensor data out through `map_array`: a read-only numpy array over
+a memory map of just that tensor's bytes. The array keeps its map alive, so when the
+writer drops the array the map is unmapped and its pages leave the process's resident
+set. One map of the whole file would instead keep every page it ever touched resident
+until the model is closed, and peak RSS would grow to the size of the model.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+
+import numpy as np
+
+from .errors import FormatError
+
+
+# Python 3.13+ can map without keeping a duplicated file descriptor per map.
+_NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int | None = None,
+              what: str = "tensor data") -> np.ndarray:
+    """Bytes [offset, offset + nbytes) of `path` as a read-only 1-D array of `dtype`.
+
+    The range is checked against the file's current size (and against `file_size`, the
+    size the caller saw when it parsed the headers, if given); problems are FormatErrors
+    naming the file and `what`. Nothing is read until the array's elements are used.
+    """
+    path = os.fspath(path)
+    dtype = np.dtype(dtype)
+    if offset < 0 or nbytes < 0 or nbytes % dtype.itemsize:
+        raise FormatError(path, f"{what}: bad byte range at offset {offset} ({nbytes} bytes of {dtype})")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if file_size is not None and size != file_size:
+                raise FormatError(path, f"file changed size since it was opened ({file_size} -> {size} bytes)")
+            if offset + nbytes > size:
+                raise FormatError(path, f"{what} (bytes {offset}..{offset + nbytes}) lies beyond the end of the "
+                                        f"{size}-byte file: truncated or corrupt")
+            if nbytes == 0:
+                return np.empty(0, dtype=dtype)
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(f.fileno(), nbytes + (offset - start), access=mmap.ACCESS_READ, offset=start, **_NO_FD)
+    except OSError as e:
+        raise FormatError(path, f"cannot map {what}: {e.strerror or e}") from None
+    # frombuffer keeps `mm` as the array's base: the map lives exactly as long as some view of it.
+    return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
