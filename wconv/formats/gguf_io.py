@@ -5,8 +5,9 @@ GGUFReader, for two reasons: GGUFReader builds a numpy object per array element
 (3.7 s for GPT-2's 50k-token vocab, far longer for Llama 3's 128k tokens + 280k
 merges), and it trusts declared lengths (a huge array count makes it loop over
 empty reads). Here every count, length and offset is checked against the bytes
-actually present before anything is allocated. Tensors are lazy views of one
-read-only memory map. The tests check this parser against GGUFReader.
+actually present before anything is allocated. Tensors are lazy views of maps of
+their own byte ranges (wconv.mapped), so a streaming writer keeps about one tensor
+resident. The tests check this parser against GGUFReader.
 GGUF v1 (2023 pre-release) is refused; v2 and v3 (both byte orders) read.
 
 Writing: header, metadata and tensor infos first, then tensor data one tensor at a
@@ -32,6 +33,7 @@ import numpy as np
 
 from .. import layouts, quant
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..mapped import map_array
 from ..model import Config, Model, Tokenizer
 from ..progress import progress
 from ..tensor import LazyTensor
@@ -232,14 +234,16 @@ def _summary(value, types):
     return value
 
 
-def _tensor_loader(mm, info: TensorInfo, endian: str):
+def _tensor_loader(path: str, size: int, info: TensorInfo, endian: str):
     dt = info.dtype
+    what = f"tensor {info.name!r}"
 
     def load():
+        # A map of this tensor's bytes only, unmapped when the caller drops the array.
         if dt.quantized:
-            return np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+            return map_array(path, info.offset, info.nbytes, np.uint8, file_size=size, what=what)
         storage = dt.storage.newbyteorder(endian)
-        arr = np.frombuffer(mm, dtype=storage, count=info.nbytes // storage.itemsize, offset=info.offset)
+        arr = map_array(path, info.offset, info.nbytes, storage, file_size=size, what=what)
         arr = arr.reshape(tuple(reversed(info.dims)))
         return arr if storage.isnative else arr.astype(storage.newbyteorder("="))
     return load
@@ -309,12 +313,17 @@ def read(path) -> Model:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < 8:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
                 raise FormatError(path, "not a GGUF file (too short)")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise FormatError(path, f"cannot read: {e.strerror or e}") from None
-    h = parse_header(path, memoryview(mm))
+    view = memoryview(mm)
+    h = parse_header(path, view)
+    # The header values are copies: this map of the whole file is not needed past here.
+    view.release()
+    mm.close()
     arch = _text(h.kv.get("general.architecture", b""))
     if not isinstance(arch, str):
         raise FormatError(path, "general.architecture is not a string")
@@ -326,7 +335,7 @@ def read(path) -> Model:
         if info.dtype.quantized and h.endian == ">":
             raise UnsupportedError(path, f"tensor {info.name}: quantised tensors in big-endian GGUF are not supported")
         tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
-                                        _tensor_loader(mm, info, h.endian), source=f"{base}:{info.name}",
+                                        _tensor_loader(path, size, info, h.endian), source=f"{base}:{info.name}",
                                         storage_key=(path, info.offset))
 
     metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv)}
