@@ -36,6 +36,7 @@ import numpy as np
 
 from .. import layouts, quant
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..mapped import map_array
 from ..model import Config, Model, Tokenizer
 from ..progress import progress
 from ..tensor import LazyTensor
@@ -128,16 +129,18 @@ def _magic(r: _Reader) -> tuple[str, int]:
 
 
 def read(path) -> Model:
-    """Open a legacy llama.cpp model file lazily (tensors are views of a memory map)."""
+    """Open a legacy llama.cpp model file lazily (tensors are views of per-tensor memory maps)."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size < 8:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
                 raise FormatError(path, "too short for a GGML file")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise FormatError(path, f"cannot read: {e.strerror or e}") from None
-    r = _Reader(memoryview(mm), path)
+    view = memoryview(mm)
+    r = _Reader(view, path)
     kind, version = _magic(r)
     n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype = r.u32("hyperparameters", 7)
     has_scores = kind != "ggml"
@@ -188,10 +191,13 @@ def read(path) -> Model:
         if canon in tensors:
             raise FormatError(path, f"duplicate tensor {name}")
         shape = tuple(reversed(dims))
-        tensors[canon] = LazyTensor(canon, dt, shape, _loader(mm, r.pos, nbytes, dt, shape),
+        tensors[canon] = LazyTensor(canon, dt, shape, _loader(path, size, name, r.pos, nbytes, dt, shape),
                                     source=f"{base}:{name}", storage_key=(path, r.pos))
         raw_names[canon] = name
         r.pos += nbytes
+    # Everything parsed above is a copy: tensors map their own ranges, so drop the whole-file map.
+    view.release()
+    mm.close()
 
     tokenizer = None
     if any(texts):
@@ -217,12 +223,12 @@ def read(path) -> Model:
                  path=path)
 
 
-def _loader(mm, offset, nbytes, dt, shape):
+def _loader(path, size, name, offset, nbytes, dt, shape):
     def load():
-        if dt.quantized:
-            return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=offset)
-        storage = dt.storage.newbyteorder("<")
-        return np.frombuffer(mm, dtype=storage, count=nbytes // storage.itemsize, offset=offset).reshape(shape)
+        # A map of this tensor's bytes only, unmapped when the caller drops the array.
+        storage = np.dtype(np.uint8) if dt.quantized else dt.storage.newbyteorder("<")
+        arr = map_array(path, offset, nbytes, storage, file_size=size, what=f"tensor {name}")
+        return arr if dt.quantized else arr.reshape(shape)
     return load
 
 
