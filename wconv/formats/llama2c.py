@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import FormatError, UnsupportedError, UsageError
+from ..mapped import map_array
 from ..model import Config, Model
 from ..progress import progress
 from ..tensor import LazyTensor
@@ -213,9 +214,9 @@ def read(path) -> Model:
     for name in names:
         shape = shapes[name]
         if h.version == 2 and len(shape) == 2:
-            tensors[name] = _q8_tensor(path, base, name, shape, offsets[name], h.group_size)
+            tensors[name] = _q8_tensor(path, size, base, name, shape, offsets[name], h.group_size)
         else:
-            tensors[name] = _f32_tensor(path, base, name, shape, offsets[name])
+            tensors[name] = _f32_tensor(path, size, base, name, shape, offsets[name])
     config = Config(arch="llama", dim=h.dim, n_layers=h.n_layers, n_heads=h.n_heads, n_kv_heads=h.n_kv_heads,
                     vocab_size=h.vocab_size, hidden_dim=h.hidden_dim, max_seq_len=h.seq_len,
                     norm_eps=RUNC_NORM_EPS, rope_theta=RUNC_ROPE_THETA, tie_embeddings=h.shared)
@@ -273,25 +274,24 @@ def _v2_offsets(h: _Header, names, shapes):
     return offsets, pos
 
 
-def _memmap(path, dtype, offset, count):
-    try:
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
-    except (OSError, ValueError) as e:
-        raise FormatError(path, f"cannot map tensor data at offset {offset}: {e}") from None
+def _memmap(path, size, dtype, offset, count, name):
+    """`count` elements at `offset`, zero-copy; the map goes away with the array."""
+    dtype = np.dtype(dtype)
+    return map_array(path, offset, count * dtype.itemsize, dtype, file_size=size, what=f"tensor {name}")
 
 
-def _f32_tensor(path, base, name, shape, offset) -> LazyTensor:
+def _f32_tensor(path, size, base, name, shape, offset) -> LazyTensor:
     n = math.prod(shape)
-    return LazyTensor(name, dtypes.F32, shape, lambda: _memmap(path, "<f4", offset, n).reshape(shape),
+    return LazyTensor(name, dtypes.F32, shape, lambda: _memmap(path, size, "<f4", offset, n, name).reshape(shape),
                       f"{base}@{offset}", storage_key=(path, offset))
 
 
-def _q8_tensor(path, base, name, shape, offset, group_size) -> LazyTensor:
+def _q8_tensor(path, size, base, name, shape, offset, group_size) -> LazyTensor:
     n = math.prod(shape)
 
     def load():
-        q = _memmap(path, np.int8, offset, n).reshape(-1, group_size)
-        scales = _memmap(path, "<f4", offset + n, n // group_size)
+        q = _memmap(path, size, np.int8, offset, n, name).reshape(-1, group_size)
+        scales = _memmap(path, size, "<f4", offset + n, n // group_size, name)
         return dequantize_groups(q, scales).reshape(shape)
 
     return LazyTensor(name, dtypes.F32, shape, load, f"{base}@{offset}:int8 g{group_size}",
