@@ -44,10 +44,14 @@ def sniff(path: str) -> str:
 
     if looks_like_v0(path):
         return "llama2c"
+    # safetensors before the pickle test: its first byte is the header length's low byte,
+    # which can be 0x80 or '(' too; a '{' after a length that fits the file is safetensors.
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= os.path.getsize(path):
+        return "safetensors"
     if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
         return "torch-legacy"
     if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
+        return "safetensors"  # truncated: the reader says so
     if path.endswith(".model"):
         return "sentencepiece"
     return "llama2c"  # v0 has no magic: the reader validates the header against the file size

@@ -3,8 +3,9 @@
 torch's writer sets the sizes in each local header to zero and puts the real ones in the
 central directory (and in data descriptors), so sizes always come from the central
 directory; the local header is only read, lazily, to find where a member's data starts.
-Stored members are returned as zero-copy views of the map; deflated members are
-decompressed with their declared size as a hard bound.
+Stored members are returned as zero-copy views of a map of just their bytes (see
+wconv.mapped: it is unmapped when the last view is dropped, so tensor pages do not stay
+resident); deflated members are decompressed with their declared size as a hard bound.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import zlib
 from dataclasses import dataclass
 
 from ..errors import FormatError, UnsupportedError
+from ..mapped import map_array
 
 _EOCD = b"PK\x05\x06"
 _EOCD64 = b"PK\x06\x06"
@@ -30,7 +32,9 @@ class MappedFile:
 
     All reads of file contents by the torch readers go through `read` (copies, for
     headers and pickles) or `view` (zero-copy, for tensor data), which makes laziness
-    testable by instrumenting these two methods.
+    testable by instrumenting these two methods. `read` uses one map of the whole file
+    (only header pages are ever touched); each `view` maps its own range, so tensor pages
+    leave the resident set when the tensor is dropped.
     """
 
     def __init__(self, path):
@@ -55,7 +59,7 @@ class MappedFile:
 
     def view(self, offset: int, n: int, what: str = "data") -> memoryview:
         self.check_range(offset, n, what)
-        return memoryview(self._map)[offset:offset + n]
+        return memoryview(map_array(self.path, offset, n, file_size=self.size, what=what))
 
     def rfind(self, needle: bytes, start: int, end: int) -> int:
         return self._map.rfind(needle, max(0, start), end)

@@ -1,0 +1,214 @@
+"""Peak resident memory of `wconv convert` does not grow with the model.
+
+Each input format gets a ~210 MB random llama model (largest tensor 6 MB). A child
+process converts it with `wconv convert` and reports its VmHWM (peak RSS, which
+counts the touched pages of live file mappings too); a second child that only
+imports the same modules gives the baseline. The conversion may add a few tensors'
+worth of memory plus slack, never the model: a reader that maps the whole input
+once, or a writer that keeps arrays, would show up as roughly the model size.
+
+Input files are made with torch.save (torch formats) or wconv's own writers (the
+others); what is measured is the separate conversion process.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import modelgen
+from wconv import layouts, mapped
+from wconv.errors import FormatError
+
+MB = 1 << 20
+SLACK = 64 * MB
+# 7 layers at dim 768 / hidden 2048, vocab 2048: 211 MB of float32, largest tensor 6.3 MB.
+CONFIG = dict(dim=768, n_layers=7, n_heads=12, n_kv_heads=12, vocab_size=2048, hidden_dim=2048,
+              max_seq_len=256, tie_embeddings=False)
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+
+# What a conversion imports, so that the baseline child pays for the same code.
+_IMPORTS = ["numpy", "gguf", "gguf.quants", "gguf.gguf_writer", "wconv.cli", "wconv.convert.save",
+            "wconv.convert.load", "wconv.convert.sources", "wconv.convert.state_dict",
+            "wconv.formats.torch_file", "wconv.formats.torch_zip", "wconv.formats.torch_legacy",
+            "wconv.formats.safetensors_io", "wconv.formats.gguf_io", "wconv.formats.ggml_legacy",
+            "wconv.formats.llama2c", "wconv.quant"]
+
+# Runs in the child: import, optionally run the CLI in-process, print the peak RSS.
+_CHILD = r"""
+import importlib, sys
+for name in sys.argv[1].split(","):
+    importlib.import_module(name)
+code = 0
+if len(sys.argv) > 2:
+    from wconv.cli import main
+    try:
+        main(sys.argv[2:], standalone_mode=False)
+    except SystemExit as e:
+        code = e.code or 0
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print("VmHWM", hwm)
+sys.exit(code)
+"""
+
+
+def peak_rss(*cli_args) -> int:
+    """Peak RSS in bytes of a fresh interpreter that imports wconv and runs `wconv *cli_args`."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, ",".join(_IMPORTS), *map(str, cli_args)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"wconv {' '.join(map(str, cli_args))} failed:\n{proc.stderr}"
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("VmHWM ")][-1]
+    return int(line.split()[1])
+
+
+@pytest.fixture(scope="module")
+def baseline() -> int:
+    return min(peak_rss() for _ in range(2))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return modelgen.random_model(modelgen.llama_config(**CONFIG), seed=1)
+
+
+def _state_dict(model, layout: str) -> dict:
+    import torch
+
+    return {layouts.from_canonical(n, layout): torch.from_numpy(np.asarray(t.raw())) for n, t in model.tensors.items()}
+
+
+def make_torch_zip(model, d) -> str:
+    """A Hugging Face pytorch_model.bin (+ config.json): q/k go through the un-permute transform."""
+    import torch
+
+    from wconv.formats.safetensors_io import hf_config
+
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(hf_config(model), f)
+    path = os.path.join(d, "pytorch_model.bin")
+    torch.save(_state_dict(model, "hf-llama"), path)
+    return path
+
+
+def make_torch_legacy(model, d) -> str:
+    """A llama2.c-style ckpt.pt (Meta names + model_args) in the pre-1.6 stream format."""
+    import torch
+
+    c = model.config
+    args = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                vocab_size=c.vocab_size, hidden_dim=c.hidden_dim, max_seq_len=c.max_seq_len)
+    path = os.path.join(d, "ckpt.pt")
+    torch.save({"model": _state_dict(model, "meta"), "model_args": args}, path,
+               _use_new_zipfile_serialization=False)
+    return path
+
+
+def _with_writer(module, fn, name, **options):
+    def make(model, d) -> str:
+        import importlib
+
+        path = os.path.join(d, name)
+        getattr(importlib.import_module(module), fn)(model, path, quiet=True, **options)
+        return path
+    return make
+
+
+# input format -> (maker, output file name, extra `wconv convert` options). Together the
+# outputs cover every writer, some with a type change (bf16, q8_0) on the way.
+CASES = {
+    "torch-zip": (make_torch_zip, "out.gguf", []),
+    "torch-legacy": (make_torch_legacy, "out.safetensors", ["--dtype", "bf16"]),
+    "safetensors": (_with_writer("wconv.formats.safetensors_io", "write", "in.safetensors"), "out.bin", []),
+    "gguf": (_with_writer("wconv.formats.gguf_io", "write", "in.gguf"), "out.ggjt", []),
+    "llama2c-v0": (_with_writer("wconv.formats.llama2c", "write", "in.bin", version=0), "out.gguf",
+                   ["--dtype", "q8_0"]),
+    "ggjt": (_with_writer("wconv.formats.ggml_legacy", "write_ggjt", "in.ggjt"), "out.safetensors", []),
+}
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_convert_peak_rss_is_independent_of_model_size(fmt, model, baseline, tmp_path):
+    make, out_name, options = CASES[fmt]
+    src, out = make(model, str(tmp_path)), tmp_path / out_name
+    try:
+        size = os.path.getsize(src)
+        largest = max(t.nbytes for t in model.tensors.values())
+        assert size > 150 * MB and largest < size / 30
+        peak = peak_rss("convert", src, out, "--quiet", *options)
+        assert os.path.getsize(out) > 50 * MB
+    finally:  # 400 MB per case: do not leave it in pytest's kept temp dirs
+        for p in (src, out):
+            if os.path.exists(p):
+                os.remove(p)
+    extra = peak - baseline
+    print(f"\n{fmt}: model {size / MB:.0f} MB, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB "
+          f"(+{extra / MB:.0f} MB)")
+    assert extra < 3 * largest + SLACK, f"{fmt}: conversion used {extra / MB:.0f} MB above the baseline"
+    assert extra < size / 2
+
+
+def test_parity_peak_rss_is_about_one_layer(model, baseline, tmp_path):
+    """The numpy reference loads one weight at a time: two 200 MB models, small peak."""
+    a = CASES["safetensors"][0](model, str(tmp_path))
+    b = CASES["gguf"][0](model, str(tmp_path))
+    try:
+        size = os.path.getsize(a) + os.path.getsize(b)
+        peak = peak_rss("parity", a, b, "--random-tokens", 8)
+    finally:
+        os.remove(a)
+        os.remove(b)
+    largest = max(t.nbytes for t in model.tensors.values())
+    extra = peak - baseline
+    print(f"\nparity: models {size / MB:.0f} MB, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB "
+          f"(+{extra / MB:.0f} MB)")
+    assert extra < 3 * largest + SLACK
+    assert extra < size / 4
+
+
+# --- wconv.mapped ---------------------------------------------------------------------------
+
+
+def _mapped_ranges(path) -> int:
+    """How many of this process's memory mappings are of `path`."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip("\n").endswith(" " + real) for line in f)
+
+
+def test_map_array_views_the_range_and_unmaps_when_dropped(tmp_path):
+    path = tmp_path / "blob"
+    data = np.arange(300_000, dtype="<u4")
+    path.write_bytes(b"xyz" + data.tobytes())  # unaligned start: the map begins at the page before
+    arr = mapped.map_array(path, 3 + 4 * 1000, 4 * 5000, "<u4")
+    assert _mapped_ranges(path) == 1
+    view = arr[10:20].reshape(2, 5)
+    del arr
+    assert _mapped_ranges(path) == 1  # a view keeps the map alive
+    assert not view.flags.writeable and not view.flags.owndata
+    np.testing.assert_array_equal(view.reshape(-1), data[1010:1020])
+    del view
+    gc.collect()
+    assert _mapped_ranges(path) == 0
+
+
+def test_map_array_bounds(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(100))
+    assert mapped.map_array(path, 100, 0).size == 0
+    assert mapped.map_array(path, 96, 4, "<f4").shape == (1,)
+    for offset, n in ((97, 4), (-1, 4), (0, 101), (200, 0)):
+        with pytest.raises(FormatError, match=r"blob.*(beyond the end|bad byte range)"):
+            mapped.map_array(path, offset, n, what="tensor x")
+    with pytest.raises(FormatError, match="bad byte range"):
+        mapped.map_array(path, 0, 6, "<f4")
+    with pytest.raises(FormatError, match="changed size"):
+        mapped.map_array(path, 0, 4, file_size=99)
+    with pytest.raises(FormatError, match="cannot map"):
+        mapped.map_array(tmp_path / "missing", 0, 4)
