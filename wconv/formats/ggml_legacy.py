@@ -27,7 +27,6 @@ llama.cpp's convert_llama_ggml_to_gguf.py; writing applies the inverse.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
 import sys
@@ -89,29 +88,43 @@ def _token_to_ggml(text: bytes, ttype: int | None) -> bytes:
 
 
 class _Reader:
-    def __init__(self, buf, path):
-        self.buf, self.path, self.pos, self.end = buf, path, 0, len(buf)
+    """Bounds-checked reads at `pos` from an open file of `end` bytes.
+
+    Ordinary buffered reads, not a map of the whole file: tensor headers are scattered
+    between the tensors, and each one touched through a map can pull up to 2 MB of the
+    file into the resident set (the kernel maps whole large folios).
+    """
+
+    def __init__(self, f, path, end: int):
+        self.f, self.path, self.pos, self.end = f, path, 0, end
+
+    def _bytes(self, n: int) -> bytes:
+        try:
+            self.f.seek(self.pos)  # within the read buffer this is free
+            b = self.f.read(n)
+        except OSError as e:
+            raise FormatError(self.path, f"cannot read: {e.strerror or e}") from None
+        if len(b) != n:
+            raise FormatError(self.path, f"file shrank while being read (offset {self.pos})")
+        self.pos += n
+        return b
 
     def u32(self, what: str, n: int = 1):
         if self.pos + 4 * n > self.end:
             raise FormatError(self.path, f"truncated GGML file: {what} at offset {self.pos}")
-        vals = struct.unpack_from(f"<{n}I", self.buf, self.pos)
-        self.pos += 4 * n
+        vals = struct.unpack(f"<{n}I", self._bytes(4 * n))
         return vals if n != 1 else vals[0]
 
     def f32(self, what: str) -> float:
         if self.pos + 4 > self.end:
             raise FormatError(self.path, f"truncated GGML file: {what} at offset {self.pos}")
-        (v,) = struct.unpack_from("<f", self.buf, self.pos)
-        self.pos += 4
+        (v,) = struct.unpack("<f", self._bytes(4))
         return v
 
     def take(self, n: int, what: str) -> bytes:
         if self.pos + n > self.end:
             raise FormatError(self.path, f"truncated GGML file: {what} ({n} bytes) at offset {self.pos}")
-        b = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return b
+        return self._bytes(n)
 
 
 def _magic(r: _Reader) -> tuple[str, int]:
@@ -132,15 +145,16 @@ def read(path) -> Model:
     """Open a legacy llama.cpp model file lazily (tensors are views of per-tensor memory maps)."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise FormatError(path, "too short for a GGML file")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        f = open(path, "rb")
     except OSError as e:
         raise FormatError(path, f"cannot read: {e.strerror or e}") from None
-    view = memoryview(mm)
-    r = _Reader(view, path)
+    with f:
+        return _read(path, _Reader(f, path, os.fstat(f.fileno()).st_size))
+
+
+def _read(path: str, r: _Reader) -> Model:
+    if r.end < 8:
+        raise FormatError(path, "too short for a GGML file")
     kind, version = _magic(r)
     n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype = r.u32("hyperparameters", 7)
     has_scores = kind != "ggml"
@@ -191,13 +205,10 @@ def read(path) -> Model:
         if canon in tensors:
             raise FormatError(path, f"duplicate tensor {name}")
         shape = tuple(reversed(dims))
-        tensors[canon] = LazyTensor(canon, dt, shape, _loader(path, size, name, r.pos, nbytes, dt, shape),
+        tensors[canon] = LazyTensor(canon, dt, shape, _loader(path, r.end, name, r.pos, nbytes, dt, shape),
                                     source=f"{base}:{name}", storage_key=(path, r.pos))
         raw_names[canon] = name
         r.pos += nbytes
-    # Everything parsed above is a copy: tensors map their own ranges, so drop the whole-file map.
-    view.release()
-    mm.close()
 
     tokenizer = None
     if any(texts):
