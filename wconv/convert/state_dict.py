@@ -491,6 +491,10 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
                                                       f"{_short_list(unrecognised)}{extra}")
         elif "token_embd.weight" not in canon:
             problems.tensor_problem(FormatError, f"{layout} checkpoint has no token embedding tensor")
+        elif _not_matrices(canon):
+            name = _not_matrices(canon)[0]
+            problems.tensor_problem(FormatError, f"{name} has shape {list(canon[name].shape)!r:.80}; "
+                                                 "expected a matrix")
         else:
             if layout == "hf-gpt2":
                 _transpose_conv1d(canon)
@@ -516,6 +520,13 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
         metadata["notes"] = problems.notes
     return Model(config=cfg, tensors=ordered, metadata=metadata, source_format=source_format,
                  source_layout=layout, path=path)
+
+
+def _not_matrices(canon) -> list:
+    # The tensors whose shapes give the hyperparameters must be 2-D before they are unpacked.
+    keys = ("token_embd.weight", "position_embd.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight",
+            "blk.0.attn_k.weight", "blk.0.attn_qkv.weight", "output.weight")
+    return [n for n in keys if n in canon and len(canon[n].shape) != 2]
 
 
 def _config_for(layout, canon, params, model_args, hf_config, st_metadata, problems) -> Config | None:

@@ -11,7 +11,7 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import UnsafeFileError, UnsupportedError
 from .pickle_vm import _DICT_TYPES, Global, GlobalSpec, Namespace, UnknownGlobal, _Pending
 
 
@@ -124,9 +124,23 @@ def _reconstructor(ctx, args):
     return ctx.call(args[0], (), new=True)
 
 
-def _build_namespace(ctx, ns, state):
+def _plain_state(ctx, state, what):
+    """The instance-dict part of a BUILD state. Slot state (setattr) and dunder names could
+    retarget the object (e.g. its __class__) in a real unpickler: refused."""
     if type(state) is tuple and len(state) == 2:
+        if state[1] is not None:
+            ctx.fail(f"refusing BUILD on {what} with slot state (setattr of arbitrary attributes)",
+                     UnsafeFileError)
         state = state[0]
+    if type(state) is dict:
+        dunder = [k for k in state if type(k) is str and k.startswith("__")]
+        if dunder:
+            ctx.fail(f"refusing BUILD on {what} that sets attribute {dunder[0]!r:.60}", UnsafeFileError)
+    return state
+
+
+def _build_namespace(ctx, ns, state):
+    state = _plain_state(ctx, state, "argparse.Namespace")
     if state is None:
         return None
     if type(state) is not dict or not all(type(k) is str for k in state):
@@ -137,8 +151,7 @@ def _build_namespace(ctx, ns, state):
 
 def _build_ordered_dict(ctx, od, state):
     # torch state dicts carry `_metadata` (per-module versions) as an attribute; keep only that.
-    if type(state) is tuple and len(state) == 2:
-        state = state[0]
+    state = _plain_state(ctx, state, "collections.OrderedDict")
     if state is None:
         return None
     if type(state) is not dict:

@@ -75,6 +75,16 @@ class ZipMember:
     size: int
     header_offset: int
     _data_offset: int | None = None
+    _name_len: int = 0  # bytes of the name in the directory (the local header must repeat it)
+
+
+def _check_member_name(zf, name: str) -> None:
+    # Nothing is ever extracted, but a name that climbs out of the archive or is absolute
+    # has no place in a checkpoint and is what path-traversal attacks look like.
+    parts = name.replace("\\", "/").split("/")
+    if (name.startswith(("/", "\\")) or ".." in parts or "\0" in name or "\\" in name
+            or (len(name) > 1 and name[1] == ":")):
+        zf._fail(f"zip member name {name!r:.80} is not a plain relative path (path traversal?)")
 
 
 class ZipArchive:
@@ -90,17 +100,26 @@ class ZipArchive:
         raise FormatError(self.path, message)
 
     def _find_eocd(self) -> int:
+        # Every signature whose comment length reaches exactly the end of the file is a
+        # candidate; zip readers differ in which one they pick, so more than one is refused.
         size = self.mf.size
         end = size
+        found = []
         while True:
             pos = self.mf.rfind(_EOCD, size - 22 - 0xFFFF, end)
             if pos < 0:
-                self._fail("zip archive without an end-of-central-directory record: truncated or corrupt")
+                break
             if pos + 22 <= size:
                 comment_len = struct.unpack_from("<H", self.mf.read(pos + 20, 2))[0]
                 if pos + 22 + comment_len == size:
-                    return pos
+                    found.append(pos)
             end = pos  # a signature inside the comment or data: keep looking backwards
+        if not found:
+            self._fail("zip archive without an end-of-central-directory record: truncated or corrupt")
+        if len(found) > 1:
+            self._fail(f"zip archive has {len(found)} end-of-central-directory records (one hidden in the "
+                       "comment?): ambiguous, refusing it")
+        return found[0]
 
     def _read_directory(self):
         mf = self.mf
@@ -109,10 +128,19 @@ class ZipArchive:
             "<4sHHHHIIH", mf.read(eocd, 22, "end of central directory"))
         if disk != 0 or cd_disk != 0:
             raise UnsupportedError(self.path, "multi-disk zip archives are not supported")
+        cd_end = eocd
         if n_entries == 0xFFFF or cd_size == _U32 or cd_offset == _U32:
-            n_entries, cd_size, cd_offset = self._read_zip64_eocd(eocd)
-        if cd_offset + cd_size > eocd:
+            n_entries, cd_size, cd_offset, cd_end = self._read_zip64_eocd(eocd)
+        elif cd_offset + cd_size < eocd and eocd >= 20 and mf.read(eocd - 20, 4) == _EOCD64_LOCATOR:
+            # torch (miniz) writes zip64 end records even when not needed: they must agree.
+            if self._read_zip64_eocd(eocd) != (n_entries, cd_size, cd_offset, cd_offset + cd_size):
+                self._fail("zip64 end record disagrees with the end-of-central-directory record: crafted archive")
+            cd_end = cd_offset + cd_size
+        if cd_offset + cd_size > cd_end:
             self._fail("zip central directory overlaps its end record: truncated or corrupt")
+        if cd_offset + cd_size < cd_end:
+            self._fail(f"{cd_end - cd_offset - cd_size} bytes between the zip central directory and its end "
+                       "record: corrupt or crafted")
         if n_entries * 46 > cd_size:
             self._fail("zip central directory is smaller than its entry count")
         self.cd_offset = cd_offset
@@ -133,10 +161,23 @@ class ZipArchive:
                 usize, csize, lho = self._zip64_extra(extra, usize, csize, lho, name)
             if name in self.members:
                 self._fail(f"zip archive lists member '{name}' twice")
+            _check_member_name(self, name)
             if lho + 30 + nlen + csize > cd_offset:
                 self._fail(f"zip member '{name}' lies beyond the start of the central directory: "
                            "truncated or corrupt")
-            self.members[name] = ZipMember(name, method, flags, crc, csize, usize, lho)
+            self.members[name] = ZipMember(name, method, flags, crc, csize, usize, lho, None, nlen)
+        self._check_layout()
+
+    def _check_layout(self):
+        """Members must start at byte 0 and not overlap: otherwise readers that locate data
+        differently (or an archive appended to another) could each see different contents."""
+        order = sorted(self.members.values(), key=lambda m: m.header_offset)
+        if order and order[0].header_offset != 0:
+            self._fail(f"{order[0].header_offset} bytes before the first zip member: another archive or "
+                       "crafted data in front, refusing it")
+        for a, b in zip(order, order[1:]):
+            if a.header_offset + 30 + a._name_len + a.compressed_size > b.header_offset:
+                self._fail(f"zip members '{a.name}' and '{b.name}' overlap: crafted archive")
 
     def _read_zip64_eocd(self, eocd: int):
         loc = eocd - 20
@@ -148,7 +189,7 @@ class ZipArchive:
         n_entries, cd_size, cd_offset = struct.unpack_from("<24xQQQ", self.mf.read(rec + 8, 48))
         if cd_offset + cd_size > rec:
             self._fail("zip64 central directory overlaps its end record")
-        return n_entries, cd_size, cd_offset
+        return n_entries, cd_size, cd_offset, rec
 
     def _zip64_extra(self, extra: bytes, usize, csize, lho, name):
         pos = 0
@@ -182,6 +223,8 @@ class ZipArchive:
             if head[:4] != _LOCAL:
                 self._fail(f"zip member '{m.name}' has no local header at offset {m.header_offset}")
             nlen, elen = struct.unpack_from("<HH", head, 26)
+            if struct.unpack_from("<H", head, 8)[0] != m.method:
+                self._fail(f"zip member '{m.name}': local header and central directory disagree on compression")
             local_name = self.mf.read(m.header_offset + 30, nlen, f"zip member '{m.name}' header")
             if local_name.decode("utf-8" if m.flags & 0x800 else "cp437", "replace") != m.name:
                 self._fail(f"zip member '{m.name}': local header names a different file")
