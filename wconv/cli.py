@@ -175,14 +175,15 @@ def generate(model, tokens, steps):
 def scan(path, as_json):
     """List the globals and risky opcodes a pickle-based file uses, without running it.
 
-    Exit code 0: safe (only tensor rebuilding); 1: unsafe; 2: unreadable.
+    Exit code 0: safe (only tensor rebuilding); 1: unsafe; 2: unreadable. PATH may be a
+    directory: every .bin/.pth/.pt/.pkl/.ckpt and weight file under it is scanned.
     """
     from .inspect.scan import format_scan, scan_path
 
     result = scan_path(path)
     click.echo(json.dumps(result, indent=1) if as_json else format_scan(result))
     if not result["safe"]:
-        sys.exit(1)
+        sys.exit(2 if result["verdict"] == "unreadable" else 1)
 
 
 if __name__ == "__main__":
