@@ -210,6 +210,15 @@ def _read(path: str, r: _Reader) -> Model:
         raw_names[canon] = name
         r.pos += nbytes
 
+    if tensors:
+        # Tensors run to the end of the file with no count: a file cut at a tensor boundary
+        # would otherwise read as a smaller model. (Vocab-only files have no tensors at all.)
+        missing = [n for n in layouts.expected_names("llama", n_layer, False) if n not in tensors]
+        if missing:
+            raise FormatError(path, f"truncated or incomplete GGML file: {len(missing)} of the tensors of a "
+                                    f"{n_layer}-layer llama model are missing, e.g. "
+                                    f"{layouts.from_canonical(missing[0], 'meta')}")
+
     tokenizer = None
     if any(texts):
         toks, types = zip(*(_token_to_gguf(i, t, n_vocab) for i, t in enumerate(texts))) if texts else ((), ())
