@@ -55,7 +55,7 @@ def read_header(path) -> tuple[dict, dict, int, int]:
         raise FormatError(path, f"cannot read: {e.strerror or e}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting bombs
         raise FormatError(path, f"safetensors header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise FormatError(path, "safetensors header is not a JSON object")
@@ -78,10 +78,10 @@ def _check_entry(path, name, e, data_len) -> dict:
         raise FormatError(path, f"tensor {name!r}: unknown dtype {dt_name!r}")
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                                for s in shape):
-        raise FormatError(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+        raise FormatError(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r:.80}")
     if (not isinstance(offs, list) or len(offs) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
-        raise FormatError(path, f"tensor {name!r}: data_offsets must be two integers, got {offs!r}")
+        raise FormatError(path, f"tensor {name!r}: data_offsets must be two integers, got {offs!r:.80}")
     begin, end = offs
     if not 0 <= begin <= end <= data_len:
         raise FormatError(path, f"tensor {name!r}: data_offsets [{begin}, {end}] outside the "
