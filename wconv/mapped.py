@@ -1,10 +1,15 @@
-"""Zero-copy, on-demand views of byte ranges of a file.
+"""Bounds-checked access to byte ranges of a file: zero-copy maps for tensor data,
+plain reads for headers.
 
 Every reader hands tensor data out through `map_array`: a read-only numpy array over
 a memory map of just that tensor's bytes. The array keeps its map alive, so when the
 writer drops the array the map is unmapped and its pages leave the process's resident
 set. One map of the whole file would instead keep every page it ever touched resident
 until the model is closed, and peak RSS would grow to the size of the model.
+
+Small scattered pieces (zip local headers, storage headers) are read with `read_bytes`
+rather than through a map: on current kernels touching one byte of a mapped file can
+map a whole large folio (up to 2 MB) into the resident set.
 """
 from __future__ import annotations
 
@@ -16,9 +21,17 @@ import numpy as np
 
 from .errors import FormatError
 
-
 # Python 3.13+ can map without keeping a duplicated file descriptor per map.
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def _check_range(path: str, fileno: int, offset: int, nbytes: int, file_size, what: str) -> None:
+    size = os.fstat(fileno).st_size
+    if file_size is not None and size != file_size:
+        raise FormatError(path, f"file changed size since it was opened ({file_size} -> {size} bytes)")
+    if offset + nbytes > size:
+        raise FormatError(path, f"{what} (bytes {offset}..{offset + nbytes}) lies beyond the end of the "
+                                f"{size}-byte file: truncated or corrupt")
 
 
 def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int | None = None,
@@ -35,12 +48,7 @@ def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int 
         raise FormatError(path, f"{what}: bad byte range at offset {offset} ({nbytes} bytes of {dtype})")
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if file_size is not None and size != file_size:
-                raise FormatError(path, f"file changed size since it was opened ({file_size} -> {size} bytes)")
-            if offset + nbytes > size:
-                raise FormatError(path, f"{what} (bytes {offset}..{offset + nbytes}) lies beyond the end of the "
-                                        f"{size}-byte file: truncated or corrupt")
+            _check_range(path, f.fileno(), offset, nbytes, file_size, what)
             if nbytes == 0:
                 return np.empty(0, dtype=dtype)
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
@@ -49,3 +57,20 @@ def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int 
         raise FormatError(path, f"cannot map {what}: {e.strerror or e}") from None
     # frombuffer keeps `mm` as the array's base: the map lives exactly as long as some view of it.
     return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
+
+
+def read_bytes(path, offset: int, nbytes: int, *, file_size: int | None = None, what: str = "data") -> bytes:
+    """A copy of bytes [offset, offset + nbytes) of `path`, read without a map; checked like map_array."""
+    path = os.fspath(path)
+    if offset < 0 or nbytes < 0:
+        raise FormatError(path, f"{what}: bad byte range at offset {offset} ({nbytes} bytes)")
+    try:
+        with open(path, "rb") as f:
+            _check_range(path, f.fileno(), offset, nbytes, file_size, what)
+            f.seek(offset)
+            data = f.read(nbytes)
+    except OSError as e:
+        raise FormatError(path, f"cannot read {what}: {e.strerror or e}") from None
+    if len(data) != nbytes:
+        raise FormatError(path, f"file changed while being read ({what} at offset {offset})")
+    return data

@@ -1,4 +1,4 @@
-"""Zip archives as torch.save writes them, read from a memory map with our own parser.
+"""Zip archives as torch.save writes them, read with our own parser.
 
 torch's writer sets the sizes in each local header to zero and puts the real ones in the
 central directory (and in data descriptors), so sizes always come from the central
@@ -9,14 +9,13 @@ resident); deflated members are decompressed with their declared size as a hard 
 """
 from __future__ import annotations
 
-import mmap
 import os
 import struct
 import zlib
 from dataclasses import dataclass
 
 from ..errors import FormatError, UnsupportedError
-from ..mapped import map_array
+from ..mapped import map_array, read_bytes
 
 _EOCD = b"PK\x05\x06"
 _EOCD64 = b"PK\x06\x06"
@@ -28,25 +27,25 @@ _U32 = 0xFFFFFFFF
 
 
 class MappedFile:
-    """A read-only memory map of one file, with bounds-checked access.
+    """One file, with bounds-checked access to byte ranges (no map of the whole file).
 
     All reads of file contents by the torch readers go through `read` (copies, for
     headers and pickles) or `view` (zero-copy, for tensor data), which makes laziness
-    testable by instrumenting these two methods. `read` uses one map of the whole file
-    (only header pages are ever touched); each `view` maps its own range, so tensor pages
-    leave the resident set when the tensor is dropped.
+    testable by instrumenting these two methods. Both come from wconv.mapped: `read` is
+    a plain read (a map would make each scattered local header cost up to 2 MB of
+    resident pages), each `view` maps only its own range, so tensor pages leave the
+    resident set when the tensor is dropped.
     """
 
     def __init__(self, path):
         self.path = os.fspath(path)
         try:
-            with open(self.path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
-                if self.size == 0:
-                    raise FormatError(self.path, "file is empty")
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.size = os.path.getsize(self.path)
         except OSError as e:
             raise FormatError(self.path, f"cannot read: {e.strerror or e}") from None
+        if self.size == 0:
+            raise FormatError(self.path, "file is empty")
+        self._tail = None  # (offset, bytes) last read by rfind
 
     def check_range(self, offset: int, n: int, what: str):
         if offset < 0 or n < 0 or offset + n > self.size:
@@ -55,14 +54,22 @@ class MappedFile:
 
     def read(self, offset: int, n: int, what: str = "data") -> bytes:
         self.check_range(offset, n, what)
-        return self._map[offset:offset + n]
+        return read_bytes(self.path, offset, n, file_size=self.size, what=what)
 
     def view(self, offset: int, n: int, what: str = "data") -> memoryview:
         self.check_range(offset, n, what)
         return memoryview(map_array(self.path, offset, n, file_size=self.size, what=what))
 
     def rfind(self, needle: bytes, start: int, end: int) -> int:
-        return self._map.rfind(needle, max(0, start), end)
+        """Like bytes.rfind over [start, end) of the file (used on the last 64 KiB)."""
+        start = max(0, start)
+        if end - start < len(needle):
+            return -1
+        if self._tail is None or not (self._tail[0] <= start and end <= self._tail[0] + len(self._tail[1])):
+            self._tail = (start, read_bytes(self.path, start, end - start, file_size=self.size))
+        base, buf = self._tail  # repeated searches backwards through the same tail read it once
+        pos = buf.rfind(needle, start - base, end - base)
+        return pos if pos < 0 else base + pos
 
 
 @dataclass
