@@ -8,12 +8,15 @@ worth of memory plus slack, never the model: a reader that maps the whole input
 once, or a writer that keeps arrays, would show up as roughly the model size.
 
 Input files are made with torch.save (torch formats) or wconv's own writers (the
-others); what is measured is the separate conversion process.
+others); what is measured is the separate conversion process. The mechanism is checked
+directly too: after opening, no byte of the input is mapped, and a tensor's array maps
+only its own bytes, unmapped when the array goes (/proc/self/maps).
 """
 from __future__ import annotations
 
 import gc
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -175,11 +178,16 @@ def test_parity_peak_rss_is_about_one_layer(model, baseline, tmp_path):
 # --- wconv.mapped ---------------------------------------------------------------------------
 
 
-def _mapped_ranges(path) -> int:
-    """How many of this process's memory mappings are of `path`."""
+def _mapped_bytes(path) -> int:
+    """Bytes of this process's address space mapped from `path` (adjacent maps may merge)."""
     real = os.path.realpath(path)
+    total = 0
     with open("/proc/self/maps") as f:
-        return sum(line.rstrip("\n").endswith(" " + real) for line in f)
+        for line in f:
+            if line.rstrip("\n").endswith(" " + real):
+                start, end = line.split()[0].split("-")
+                total += int(end, 16) - int(start, 16)
+    return total
 
 
 def test_map_array_views_the_range_and_unmaps_when_dropped(tmp_path):
@@ -187,15 +195,61 @@ def test_map_array_views_the_range_and_unmaps_when_dropped(tmp_path):
     data = np.arange(300_000, dtype="<u4")
     path.write_bytes(b"xyz" + data.tobytes())  # unaligned start: the map begins at the page before
     arr = mapped.map_array(path, 3 + 4 * 1000, 4 * 5000, "<u4")
-    assert _mapped_ranges(path) == 1
+    assert 4 * 5000 <= _mapped_bytes(path) <= 4 * 5000 + 2 * mmap.PAGESIZE  # the range, not the file
     view = arr[10:20].reshape(2, 5)
     del arr
-    assert _mapped_ranges(path) == 1  # a view keeps the map alive
+    assert _mapped_bytes(path) > 0  # a view keeps the map alive
     assert not view.flags.writeable and not view.flags.owndata
     np.testing.assert_array_equal(view.reshape(-1), data[1010:1020])
     del view
     gc.collect()
-    assert _mapped_ranges(path) == 0
+    assert _mapped_bytes(path) == 0
+
+
+@pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory):
+    """The same small model in every input format."""
+    d = str(tmp_path_factory.mktemp("small"))
+    small = modelgen.random_model(modelgen.llama_config(), seed=2)
+    out = {}
+    for fmt, (make, _, _) in CASES.items():
+        sub = os.path.join(d, fmt)
+        os.mkdir(sub)
+        out[fmt] = make(small, sub)
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(CASES))
+def test_readers_keep_no_map_and_one_map_per_live_tensor(fmt, small_inputs):
+    """After opening, no part of the file is mapped; a tensor's array holds one map, gone with it."""
+    import wconv
+
+    path = small_inputs[fmt]
+    model = wconv.load(path)
+    gc.collect()
+    assert _mapped_bytes(path) == 0
+    down = [t for n, t in model.tensors.items() if n.endswith("ffn_down.weight")]
+    arrays = [t.raw() for t in down]
+    # Each array maps its own bytes (plus page rounding), not the file.
+    assert 0 < _mapped_bytes(path) <= sum(t.nbytes + 2 * mmap.PAGESIZE for t in down) < os.path.getsize(path) / 2
+    del arrays
+    gc.collect()
+    assert _mapped_bytes(path) == 0
+    for t in model.tensors.values():  # what a writer does: one at a time
+        t.float32()
+    assert _mapped_bytes(path) == 0
+
+
+def test_read_bytes(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(100)))
+    assert mapped.read_bytes(path, 98, 2) == bytes([98, 99])
+    assert mapped.read_bytes(path, 100, 0) == b""
+    with pytest.raises(FormatError, match=r"blob: header \(bytes 99..103\) lies beyond the end"):
+        mapped.read_bytes(path, 99, 4, what="header")
+    with pytest.raises(FormatError, match="changed size"):
+        mapped.read_bytes(path, 0, 4, file_size=101)
+    assert _mapped_bytes(path) == 0
 
 
 def test_map_array_bounds(tmp_path):
