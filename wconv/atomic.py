@@ -1,16 +1,33 @@
 """Atomic outputs: write to a temporary file beside the target, rename on success.
 
-On any error or interruption the temporary file is removed and an existing
-target is left untouched. The target may not be one of the inputs.
+On any error or interruption (exceptions, KeyboardInterrupt, and SIGTERM/SIGHUP once the
+CLI has turned them into KeyboardInterrupt) the temporary file is removed and an existing
+target is left untouched. The target may not be one of the inputs (compared by path, by
+symlink target and by inode, so hard links count too). The finished file gets the mode a
+plain open() would give it (or keeps the mode of the file it replaces).
+
+SIGKILL (and a power cut) cannot be handled: then a stale temporary file named
+`.NAME.XXXXXXXX.wconv-tmp` may remain in the target's directory. It is never at the
+target path itself, so a half-written output is never mistaken for a finished one.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import signal
+import stat
 import tempfile
 
 from .errors import OutputError
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
+TMP_SUFFIX = ".wconv-tmp"
+_CLEANUP_SIGNALS = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s}
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -38,6 +55,68 @@ def check_target(path, *, force: bool = False, inputs=()) -> str:
     return path
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask would, briefly, for every thread)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: str) -> int:
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)  # --force keeps the replaced file's mode
+    except OSError:
+        return 0o666 & ~_umask()  # mkstemp makes 0600; give what open() would have given
+
+
+def _remove_quietly(tmp: str) -> None:
+    # A second Ctrl-C / SIGTERM during cleanup must not leave the temporary file behind:
+    # those signals wait until it is gone.
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _CLEANUP_SIGNALS)
+    try:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _fsize_limit():
+    if resource is None:
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _write_failure(e: OSError, tmp: str, directory: str) -> str:
+    """Why a write failed, in words. numpy's tofile reports a short write without errno."""
+    code = e.errno
+    if code is None:
+        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        soft = _fsize_limit()
+        if soft is not None and size >= soft:
+            code = errno.EFBIG
+        else:
+            with contextlib.suppress(OSError):
+                st = os.statvfs(directory)
+                if st.f_bavail * st.f_frsize < 1 << 20:
+                    code = errno.ENOSPC
+    if code == errno.EFBIG:
+        soft = _fsize_limit()
+        return os.strerror(code) + (f" (file-size limit, ulimit -f: {soft} bytes)" if soft is not None else "")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"{os.strerror(code)} in {directory}"
+    return e.strerror or str(e)
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, force: bool = False, inputs=()):
     """Yield a temporary path beside `path`; on clean exit it is renamed to `path`.
@@ -47,21 +126,26 @@ def atomic_path(path, *, force: bool = False, inputs=()):
     """
     path = check_target(path, force=force, inputs=inputs)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".wconv-tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, _final_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
+        _remove_quietly(tmp)
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutputError(path, f"write failed: {os.strerror(e.errno)}; no output written") from None
-            raise OutputError(path, f"write failed: {e.strerror or e}; no output written") from None
+            raise OutputError(path, f"write failed: {reason}; no output written") from None
         raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from .errors import WconvError
 
 
 def _raise_interrupt(signum, frame):
-    # Turn SIGTERM into KeyboardInterrupt so `finally` blocks remove temporary outputs.
+    # Turn SIGTERM/SIGHUP into KeyboardInterrupt so `finally` blocks remove temporary outputs.
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -52,6 +52,8 @@ def main():
     Nothing in an input is ever executed.
     """
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup: keep ignoring
+        signal.signal(signal.SIGHUP, _raise_interrupt)
     if hasattr(signal, "SIGXFSZ"):  # file-size limit: get EFBIG instead of dying mid-write
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, check_target
 from ..errors import UnsupportedError, UsageError
 from .load import load_model, load_tokenizer
 
@@ -28,9 +28,12 @@ def format_for(out: str, to: str | None) -> str:
 
 
 def input_files(model) -> list:
-    """Paths the model was read from (never to be overwritten)."""
+    """Paths the model was read from (never to be overwritten), its tokenizer file included."""
     paths = [model.path] if model.path else []
     paths += model.metadata.get("_input_files", [])
+    source = getattr(model.tokenizer, "source", None)
+    if source and os.path.isfile(source):  # tokenizer.model found beside the model, or --tokenizer
+        paths.append(source)
     return paths
 
 
@@ -56,11 +59,17 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         raise UsageError(out, "--dtype does not apply to llama2.c output; use --version 2 for int8")
     else:
         options.pop("dtype", None)
-    save(model, out, to=fmt, force=force, quiet=quiet, **options)
+    tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
-        # pth-to-bin --tokenizer: write tokenizer.bin beside the model.
-        write_tokenizer_bin(tokenizer, os.path.join(os.path.dirname(os.path.abspath(out)), "tokenizer.bin"),
-                            force=force)
+        # pth-to-bin --tokenizer: tokenizer.bin beside the model, checked before anything is written.
+        tok_out = os.path.join(os.path.dirname(os.path.abspath(out)), "tokenizer.bin")
+        if os.path.abspath(out) == tok_out:
+            raise UsageError(out, "with --tokenizer, tokenizer.bin is written beside the model: name the model "
+                                  "something else")
+        check_target(tok_out, force=force, inputs=[tokenizer, *input_files(model)])
+    save(model, out, to=fmt, force=force, quiet=quiet, **options)
+    if tok_out is not None:
+        write_tokenizer_bin(tokenizer, tok_out, force=force)
     return fmt
 
 
