@@ -31,9 +31,10 @@ from wconv.inspect.scan import scan_path
 
 MAX_READ_BYTES = 64 << 20  # tensors larger than this are not materialised (a declared size, not data)
 HANG_SECONDS = 20
-EXAMPLES = 100
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# WCONV_FUZZ_EXAMPLES=N: a longer, randomised run (see fuzz/README.md); default: 100, derandomized.
+EXAMPLES = int(os.environ.get("WCONV_FUZZ_EXAMPLES", "100"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="WCONV_FUZZ_EXAMPLES" not in os.environ,
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 EXTENSIONS = {"gguf": ".gguf", "safetensors": ".safetensors", "llama2c_v0": ".bin", "llama2c_v1": ".bin",
               "llama2c_v2": ".bin", "ggjt": ".ggjt", "tokenizer": ".bin", "sentencepiece": ".model",
@@ -178,7 +179,8 @@ def test_random_bytes_behind_a_magic(kind, body, workdir):
     exercise(_write(workdir, kind, MAGICS[kind] + body), kind)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@settings(max_examples=3 * EXAMPLES, deadline=None, derandomize="WCONV_FUZZ_EXAMPLES" not in os.environ,
+          database=None)
 @given(data=st.data())
 def test_mutated_pickles_scan_and_load_only_raise_wconv_errors(data, workdir):
     # data.pkl mutated and re-zipped with a correct CRC (a zip with a mutated pickle fails its
