@@ -254,6 +254,12 @@ def test_malformed_pickle_still_reports_what_would_run_first(tmp_path):
     res = scan_path(_write(tmp_path / "prefix.pkl", data))
     assert res["verdict"] == "unsafe" and any("os.system" in r for r in res["reasons"])
     assert "not a complete pickle" in res["files"][0]["notes"][0]
+    # the same inside a torch archive (torch.load would run it before failing)
+    res = scan_path(_write(tmp_path / "prefix.pt", hostile.torch_zip(data)))
+    assert res["verdict"] == "unsafe" and "not a complete pickle" in res["files"][0]["notes"][0]
+    # a malformed pickle that would call nothing is merely unreadable
+    with pytest.raises(FormatError, match="harmless.pt"):
+        scan_path(_write(tmp_path / "harmless.pt", hostile.torch_zip(b"\x80\x02]K\x01\xff")))
     # garbage that is no pickle and no known format: unreadable, exit code 2
     garbage = _write(tmp_path / "garbage.bin", b"\xfe\xfd" * 100)
     with pytest.raises(FormatError, match="garbage.bin.*neither a pickle-based file nor a known weight format"):
@@ -322,6 +328,15 @@ def test_scanner_limits(tmp_path, monkeypatch):
     for name, data in (("memo", b"\x80\x04N" + b"\x94" * 2000 + b"."), ("marks", b"\x80\x02" + b"(" * 2000 + b".")):
         with pytest.raises(FormatError, match=f"{name}.pkl"):
             scan_path(_write(tmp_path / f"{name}.pkl", data))
+
+
+def test_many_nested_pickles_stay_bounded(tmp_path):
+    inner = hostile.raw_bytes(hostile.pickle_of(hostile.call(hostile.glob("os", "system"), hostile.ustr("true"))))
+    body = b"".join(hostile.call(hostile.glob("pickle", "loads"), inner) + b"0" for _ in range(2000)) + b"N"
+    res = scan_path(_write(tmp_path / "nested.pkl", hostile.pickle_of(body, proto=4)))
+    (p,) = res["files"][0]["pickles"]
+    assert len(p["nested"]) == 20 and p["calls"]["REDUCE"]["pickle.loads"] == 2000
+    assert len(json.dumps(res)) < 200_000
 
 
 def test_output_is_bounded_for_many_globals(tmp_path):

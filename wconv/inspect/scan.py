@@ -29,6 +29,8 @@ PICKLE_EXTENSIONS = (".bin", ".pth", ".pt", ".pkl", ".pickle", ".ckpt")
 WEIGHT_EXTENSIONS = (".safetensors", ".gguf", ".ggml", ".ggjt")
 MAX_LISTED = 200  # globals / reasons kept per pickle (the JSON stays bounded)
 MAX_NESTED_DEPTH = 3
+MAX_NESTED_LISTED = 20
+MAX_TOKENIZER_BYTES = 64 << 20  # unknown files larger than this are not tried as tokenizers
 _MAX_FILES = 10_000
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -249,7 +251,8 @@ class _PickleScan:
             return
         inner = _PickleScan(f"{self.label} > {func} argument", self.allow, depth=self.depth + 1)
         inner.run(bytes(args.items[0]), 0, path=None)
-        self.nested.append(inner)
+        if len(self.nested) < MAX_NESTED_LISTED:
+            self.nested.append(inner)
         for r in inner.reasons:
             self.reason(f"nested pickle: {r}")
 
@@ -506,6 +509,8 @@ def _known_non_pickle(path: str, head: bytes, size: int) -> str | None:
 
 
 def _known_tokenizer(path: str) -> str | None:
+    if os.path.getsize(path) > MAX_TOKENIZER_BYTES:  # these readers load the whole file
+        return None
     for module, fmt in (("llama2c_tokenizer", "llama2c-tokenizer"), ("sentencepiece", "sentencepiece")):
         try:
             mod = __import__(f"wconv.formats.{module}", fromlist=["read"])
@@ -555,8 +560,11 @@ def _scan_zip(path, zf, allow) -> dict:
     for name, m in zf.members.items():
         if name.endswith(".pkl"):
             p = _scan_one(zf.read(m, MAX_PICKLE_BYTES), 0, name, path, allow)
-            if p.error:
+            if p.error and not (p.reasons and _executable_prefix(p)):
                 raise FormatError(path, f"{name}: {p.error}")
+            if p.error:  # torch.load would act on the opcodes before the malformed part
+                notes.append(f"{name} is not a complete pickle ({p.error}); an unpickler would act on the "
+                             "opcodes before the error")
             pickles.append(p)
     reasons = _collect(pickles)
     code = [n for n in zf.members if "/code/" in n or n.startswith("code/")]
