@@ -372,6 +372,12 @@ def payloads(canary: str) -> list:
     for i in range(1, 61):
         bomb += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i]) + b"0"
     bomb += b"h" + bytes([60]) + b"."
+    # Sharing just under the interpreter's limit (a 2**18-leaf tree over 17 lists), with
+    # placeholders at the leaves: `inspect --allow-unknown-globals` must stay bounded.
+    shared = b"\x80\x02" + call(glob("os", "system"), touch) + b"q\x000"
+    for i in range(1, 18):
+        shared += b"(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i]) + b"0"
+    shared += b"}" + ustr("stats") + b"h" + bytes([17]) + b"s."
     n = 100_000
     deep_dicts = b"\x80\x02}" + (b"X\x01\x00\x00\x00a}") * n + b"s" * n + b"."
     return [
@@ -441,6 +447,7 @@ def payloads(canary: str) -> list:
         ("deep_dicts", deep_dicts, r"nested", None),
         ("mark_flood", b"\x80\x02" + b"(" * (2 * n) + b".", r"MARK", None),
         ("sharing_bomb", bomb, r"enormous tree", None),
+        ("sharing_wide_placeholders", shared, r"os\.system", r"unsafe:os\.system"),
         ("cycle", b"\x80\x02]q\x00h\x00a.", r"cycle", None),
         ("huge_long4", b"\x80\x02\x8b\xff\xff\xff\x7f" + b"\0" * 16 + b".", r"LONG4", None),
         ("huge_binbytes8", b"\x80\x04\x8e" + struct.pack("<Q", 1 << 62) + b"abc.", r"past the end", None),
@@ -795,7 +802,7 @@ def build_corpus(directory, canary) -> tuple[list, dict]:
 
     cases = []
     cli_payloads = {"os_system_global", "nested_pickle_loads", "ext1_registered", "sharing_bomb",
-                    "build_class_on_ordered_dict"}
+                    "build_class_on_ordered_dict", "sharing_wide_placeholders"}
     for name, pkl, error, scan in payloads(canary):
         # Malformed-but-harmless pickles cost time to interpret: every operation on the zip
         # form, loading and scanning on the others, and the 4-million-opcode one loaded once.

@@ -91,6 +91,12 @@ def test_memory_limit_applies_in_workers(corpus):
     assert probe["outcome"] == "crash" and probe["type"] == "MemoryError"
 
 
+def test_inspect_with_placeholders_bounded_on_wide_sharing(corpus):
+    # The one case built to pass the interpreter's sharing check: it must be inspectable.
+    (r,) = [r for c, r in _records(corpus, "inspect_unknown") if c.name == "zip_sharing_wide_placeholders"]
+    assert r["outcome"] == "ok" and r["json_chars"] < MAX_JSON_CHARS
+
+
 def test_nothing_is_executed(corpus):
     assert not corpus["canary"].exists()
 
