@@ -54,7 +54,10 @@ def sniff(path: str) -> str:
         return "safetensors"  # truncated: the reader says so
     if path.endswith(".model"):
         return "sentencepiece"
-    return "llama2c"  # v0 has no magic: the reader validates the header against the file size
+    from ..formats.llama2c import has_v0_header
+
+    # A plausible v0 header whose sizes do not add up: let the llama2.c reader say what is wrong.
+    return "llama2c" if has_v0_header(path) else "unknown"
 
 
 def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, strict: bool = True) -> Model:
@@ -103,7 +106,8 @@ def _load_file(path, fmt, allow_unknown_globals, strict) -> Model:
         return load_safetensors_file(path, strict=strict)
     if fmt == "sentencepiece":
         raise UnsupportedError(path, "this is a tokenizer, not a model (use tokenizer-to-bin)")
-    raise FormatError(path, "unrecognised file format")
+    raise FormatError(path, "unrecognised file format: not a torch checkpoint (zip or pickle), safetensors, GGUF, "
+                            "GGML/GGJT, or llama2.c .bin (a v0 header must match the file size)")
 
 
 def load_tokenizer(path):

@@ -231,19 +231,35 @@ def read(path) -> Model:
                  source_layout="llama2c", path=path)
 
 
+def _plausible_v0_header(path):
+    """The v0 header of `path` if its seven ints are plausible hyperparameters, else None."""
+    with open(path, "rb") as f:
+        head = f.read(V0_HEADER_BYTES)
+    if len(head) < V0_HEADER_BYTES or struct.unpack_from("<I", head)[0] == MAGIC:
+        return None
+    params = list(struct.unpack_from("<7i", head))
+    shared = params[5] > 0
+    params[5] = abs(params[5])
+    h = _Header(0, *params, shared)
+    _validate_params(path, h)
+    return h
+
+
+def has_v0_header(path) -> bool:
+    """True when `path` starts with plausible v0 hyperparameters (sizes not checked)."""
+    try:
+        return _plausible_v0_header(path) is not None
+    except (OSError, FormatError, struct.error):
+        return False
+
+
 def looks_like_v0(path) -> bool:
     """True when `path` has a plausible v0 header whose sizes add up to the file size."""
     try:
         size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(V0_HEADER_BYTES)
-        if len(head) < V0_HEADER_BYTES or struct.unpack_from("<I", head)[0] == MAGIC:
+        h = _plausible_v0_header(path)
+        if h is None:
             return False
-        params = list(struct.unpack_from("<7i", head))
-        shared = params[5] > 0
-        params[5] = abs(params[5])
-        h = _Header(0, *params, shared)
-        _validate_params(path, h)
         weights = sum(math.prod(s) for n, s in h.shapes().items() if n != "output.weight")
         after = V0_HEADER_BYTES + 4 * weights
         return _v0_has_rope_tables(path, h, after, size) in (True, False)
