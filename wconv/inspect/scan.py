@@ -85,6 +85,15 @@ class _Tuple:
         self.items = tuple(items)
 
 
+class _Ext:
+    """The global an EXT opcode names through copyreg's extension registry (unknowable here)."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code):
+        self.code = code
+
+
 class _Plain:
     """A list or set (BUILD on one sets attributes on a builtin: never legitimate)."""
 
@@ -201,7 +210,12 @@ class _PickleScan:
             if (func.module, func.name) == ("copyreg", "_reconstructor"):
                 return self._reconstructor(args)
             return _Result(target)
-        where = f"the result of {func.origin}" if isinstance(func, _Result) else "a computed object"
+        if isinstance(func, _Result):
+            where = f"the result of {func.origin}"
+        elif isinstance(func, _Ext):
+            where = f"the global behind extension code {func.code}"
+        else:
+            where = "a computed object"
         self._count(op, "?")
         self.reason(f"{op} calls {where} rather than a named global")
         return _Result("?")
@@ -361,9 +375,10 @@ class _PickleScan:
         self.build(self.top(), state)
 
     def _ext(self, arg):
-        self.ext.append(arg)
+        if len(self.ext) < MAX_LISTED:
+            self.ext.append(arg)
         self.reason(f"extension code {arg} (EXT opcode: names a global indirectly, through copyreg's registry)")
-        self.push(_OTHER)
+        self.push(_Ext(arg))
 
     def _next_buffer(self, arg):
         self.buffers += 1
@@ -703,6 +718,9 @@ def format_scan(result: dict) -> str:
                 lines.append(f"    globals: {', '.join(p['globals'])}")
             if calls:
                 lines.append(f"    calls:   {calls}")
+            for n in p.get("nested", []):
+                lines.append(f"    nested pickle ({n['name'].rsplit(' > ', 1)[-1]}): globals: "
+                             f"{', '.join(n['globals']) or '(none)'}")
         for note in f.get("notes", []):
             lines.append(f"  note: {note}")
     return "\n".join(lines)
