@@ -247,3 +247,17 @@ def test_cli_refuses_with_one_line_errors(corpus, tmp_path):
                 problems.append(f"{c.name} convert left {os.listdir(out)}")
     assert not corpus["canary"].exists()
     assert not problems, _fmt(problems)
+
+
+def test_torch_files_saved_without_crc32_are_read(tmp_path):
+    # torch.serialization.set_crc32_options(False) writes CRC 0 everywhere; torch.load reads
+    # such files, so wconv must too (a wrong non-zero CRC is still refused: bad_crc_pickle).
+    torch = pytest.importorskip("torch")
+    from wconv.formats.torch_file import load_pickled
+
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"w": torch.arange(3.0)}, tmp_path / "nocrc.pt")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert load_pickled(tmp_path / "nocrc.pt")["w"].raw().tolist() == [0.0, 1.0, 2.0]
