@@ -58,6 +58,20 @@ def main():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
+def _llama2c_options(fn):
+    """--version / --group-size / --max-seq-len, shared by convert and pth-to-bin."""
+    for opt in reversed((
+        click.option("--version", "bin_version", type=click.IntRange(0, 2), default=0, show_default=True,
+                     help="llama2.c .bin version: 0 legacy fp32 layout run.c reads; 1 'ak42' fp32; "
+                          "2 int8 Q8_0 for runq.c."),
+        click.option("--group-size", type=int,
+                     help="v2 group size (default 64, halved until it divides dim and hidden_dim)."),
+        click.option("--max-seq-len", type=int, help="Override the context length written to the header."),
+    )):
+        fn = opt(fn)
+    return fn
+
+
 _force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 _tok = click.option("--tokenizer", type=click.Path(dir_okay=False),
@@ -86,10 +100,7 @@ def inspect(path, as_json, allow_unknown_globals):
               help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt).")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
               help="Output element type (gguf/ggjt/safetensors). 1-D tensors stay f32 in GGUF.")
-@click.option("--version", "bin_version", type=click.IntRange(0, 2), default=0, show_default=True,
-              help="llama2.c .bin version: 0 legacy fp32, 1 fp32 with header, 2 int8 Q8_0.")
-@click.option("--group-size", type=int, help="llama2.c v2 quantisation group size (default 64, shrunk to fit).")
-@click.option("--max-seq-len", type=int, help="Override the context length written to the header.")
+@_llama2c_options
 @_tok
 @_force
 @_quiet
@@ -104,10 +115,7 @@ def convert(src, out, to, dtype, bin_version, group_size, max_seq_len, tokenizer
 @main.command("pth-to-bin")
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--version", "bin_version", type=click.IntRange(0, 2), default=0, show_default=True,
-              help="0: legacy fp32 layout run.c reads; 1: 'ak42' fp32; 2: int8 Q8_0 for runq.c.")
-@click.option("--group-size", type=int, help="v2 group size (default 64, shrunk until it divides dim and hidden_dim).")
-@click.option("--max-seq-len", type=int, help="Override max_seq_len in the header.")
+@_llama2c_options
 @_tok
 @_force
 @_quiet

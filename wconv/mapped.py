@@ -25,6 +25,10 @@ from .errors import FormatError
 _NO_FD = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
+# Tokenizer files are read whole; real ones are under 20 MB (a 256k-token vocab is ~5 MB).
+MAX_TOKENIZER_FILE = 256 << 20
+
+
 def _check_range(path: str, fileno: int, offset: int, nbytes: int, file_size, what: str) -> None:
     size = os.fstat(fileno).st_size
     if file_size is not None and size != file_size:
@@ -74,3 +78,15 @@ def read_bytes(path, offset: int, nbytes: int, *, file_size: int | None = None, 
     if len(data) != nbytes:
         raise FormatError(path, f"file changed while being read ({what} at offset {offset})")
     return data
+
+
+def read_whole(path, *, max_bytes: int, what: str = "file") -> bytes:
+    """All of a small file (tokenizers), refusing one larger than max_bytes before reading it."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    if size > max_bytes:
+        raise FormatError(path, f"{size} bytes is too large for a {what} (limit {max_bytes})")
+    return read_bytes(path, 0, size, file_size=size, what=what)

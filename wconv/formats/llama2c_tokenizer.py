@@ -20,6 +20,7 @@ import re
 import struct
 
 from ..errors import FormatError, UnsupportedError
+from ..mapped import MAX_TOKENIZER_FILE, read_whole
 from ..model import Tokenizer
 
 SPACE_MARK = "\u2581".encode("utf-8")
@@ -60,11 +61,7 @@ def write(tokenizer: Tokenizer, tmp_path) -> None:
 
 def read(path) -> Tokenizer:
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            buf = f.read()
-    except OSError as e:
-        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    buf = read_whole(path, max_bytes=MAX_TOKENIZER_FILE, what="llama2.c tokenizer.bin")
     if len(buf) < 4:
         raise FormatError(path, "too short for a llama2.c tokenizer.bin")
     (max_len,) = struct.unpack_from("<I", buf, 0)

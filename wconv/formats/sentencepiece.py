@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 
 from ..errors import FormatError, UnsupportedError
+from ..mapped import MAX_TOKENIZER_FILE, read_whole
 from ..model import Tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -147,11 +148,7 @@ def _normalizer_spec(buf, start, end, out: SentencePieceModel):
 def read_model_proto(path) -> SentencePieceModel:
     """All the fields wconv uses from a tokenizer.model."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            buf = f.read()
-    except OSError as e:
-        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
+    buf = read_whole(path, max_bytes=MAX_TOKENIZER_FILE, what="sentencepiece model")
     out = SentencePieceModel()
     try:
         for number, wire, value in _fields(buf, 0, len(buf)):
