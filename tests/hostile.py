@@ -789,7 +789,9 @@ def ggjt_first_tensor(data: bytes) -> int:
     return pos
 
 
-# Payloads that take a noticeable time to interpret: all operations on their zip form only.
+# Payloads that take a noticeable time to interpret: one conversion (they all fail while
+# loading, the same way), and only loading and scanning in the legacy and raw forms.
+SLOW_ZIP_OPS = ["load", "inspect", "inspect_unknown", "scan", "convert:gguf"]
 SLOW_PAYLOADS = {"memo_flood", "deep_lists", "deep_tuples", "deep_dicts", "mark_flood", "sharing_bomb",
                  "sharing_wide_placeholders"}
 
@@ -811,7 +813,7 @@ def build_corpus(directory, canary) -> tuple[list, dict]:
     for name, pkl, error, scan in payloads(canary):
         # Malformed-but-harmless pickles cost time to interpret: every operation on the zip
         # form, loading and scanning on the others, and the 4-million-opcode one loaded once.
-        ops = ["load"] if name == "memo_flood" else None
+        ops = ["load"] if name == "memo_flood" else (SLOW_ZIP_OPS if name in SLOW_PAYLOADS else None)
         cases.append(Case(f"zip_{name}", write(f"zip_{name}.pt", torch_zip(pkl)), error, scan=scan,
                           cli=name in cli_payloads, tags=["pickle"], ops=ops))
         if name == "memo_flood":

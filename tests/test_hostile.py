@@ -27,7 +27,7 @@ import pytest
 import hostile
 
 RLIMIT_AS = 3 << 30
-OP_SECONDS = 10  # per operation on one hostile file (the slowest take ~4 s)
+OP_SECONDS = 30  # per operation on one hostile file (the slowest, memo_flood, takes ~4 s unloaded)
 WORKER_TIMEOUT = 300
 MAX_JSON_CHARS = 200_000  # inspect/scan output for a hostile file stays small
 HERE = os.path.dirname(os.path.abspath(__file__))
