@@ -71,6 +71,28 @@ class LazyTensor:
     def float32(self) -> np.ndarray:
         return to_float32(self.raw(), self.dtype, self.shape)
 
+    def float32_chunks(self, max_elements: int = 1 << 24, multiple_of: int = 1):
+        """The tensor's float32 values in C order, as flat pieces of at most max_elements.
+
+        Writers use this so that widening/dequantising temporaries stay at one piece (64 MB
+        by default) instead of a few copies of the largest tensor. Piece sizes are multiples
+        of `multiple_of` (e.g. a quantisation group) and of the dtype's block.
+        """
+        raw = self.raw()
+        step = max(1, max_elements // (multiple_of * self.dtype.block)) * multiple_of * self.dtype.block
+        if self.dtype.quantized:
+            flat = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+            per_block = self.dtype.block_bytes
+            for start in range(0, self.n_elements, step):
+                n = min(step, self.n_elements - start)
+                lo = start // self.dtype.block * per_block
+                yield to_float32(flat[lo:lo + n // self.dtype.block * per_block], self.dtype, (n,))
+            return
+        flat = raw.reshape(-1)  # a view for contiguous (e.g. memory-mapped) data
+        for start in range(0, flat.size, step):
+            piece = flat[start:start + step]
+            yield to_float32(piece, self.dtype, piece.shape)
+
     def numpy(self) -> np.ndarray:
         """A numpy array of the values: raw for types numpy has, float32 otherwise."""
         if self.dtype.quantized or self.dtype is dtypes.BF16 or self.dtype.name.startswith("F8_"):

@@ -374,16 +374,15 @@ def _check_model(model: Model) -> tuple[dict, bool, int]:
 
 
 def _write_f32(f, t: LazyTensor):
-    arr = np.ascontiguousarray(t.float32(), dtype="<f4")
-    f.write(memoryview(arr).cast("B"))
+    for piece in t.float32_chunks():
+        f.write(memoryview(np.ascontiguousarray(piece, dtype="<f4")).cast("B"))
 
 
 def _write_q8(f, t: LazyTensor, group_size: int, chunk_groups: int = 1 << 16) -> float:
     """Quantise one tensor in chunks; write int8 values then the fp32 scales. Returns max error."""
-    flat = t.float32().reshape(-1, group_size)
     scales, max_err = [], 0.0
-    for start in range(0, flat.shape[0], chunk_groups):
-        block = flat[start:start + chunk_groups]
+    for piece in t.float32_chunks(chunk_groups * group_size, multiple_of=group_size):
+        block = piece.reshape(-1, group_size)
         q, s = quantize_groups(block, group_size)
         f.write(memoryview(np.ascontiguousarray(q)).cast("B"))
         scales.append(s)
