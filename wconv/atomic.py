@@ -1,4 +1,4 @@
-"""Atomic outputs: write to a temporary file beside the target, rename on success.
+"""Atomic outputs: write to a temporary file (or directory) beside the target, rename on success.
 
 On any error or interruption (exceptions, KeyboardInterrupt, and SIGTERM/SIGHUP once the
 CLI has turned them into KeyboardInterrupt) the temporary file is removed and an existing
@@ -9,12 +9,16 @@ plain open() would give it (or keeps the mode of the file it replaces).
 SIGKILL (and a power cut) cannot be handled: then a stale temporary file named
 `.NAME.XXXXXXXX.wconv-tmp` may remain in the target's directory. It is never at the
 target path itself, so a half-written output is never mistaken for a finished one.
+
+Directory outputs (atomic_dir) work the same way with a temporary directory; with --force the
+old directory is renamed aside, the new one renamed in, and only then is the old one deleted.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -68,25 +72,39 @@ def _umask() -> int:
     return mask
 
 
-def _final_mode(path: str) -> int:
+def _final_mode(path: str, default: int = 0o666) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)  # --force keeps the replaced file's mode
     except OSError:
-        return 0o666 & ~_umask()  # mkstemp makes 0600; give what open() would have given
+        return default & ~_umask()  # mkstemp/mkdtemp make 0600/0700; give what open()/mkdir() would
 
 
-def _remove_quietly(tmp: str) -> None:
-    # A second Ctrl-C / SIGTERM during cleanup must not leave the temporary file behind:
-    # those signals wait until it is gone.
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold Ctrl-C / SIGTERM / SIGHUP until the block is done (delivered right after it)."""
     blocked = hasattr(signal, "pthread_sigmask")
     if blocked:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _CLEANUP_SIGNALS)
     try:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        yield
     finally:
         if blocked:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _remove_now(tmp: str) -> None:
+    with contextlib.suppress(OSError):
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp)
+        else:
+            os.unlink(tmp)
+
+
+def _remove_quietly(tmp: str) -> None:
+    # A second Ctrl-C / SIGTERM during cleanup must not leave the temporary file (or
+    # directory) behind: those signals wait until it is gone.
+    with _signals_deferred():
+        _remove_now(tmp)
 
 
 def _fsize_limit():
@@ -100,7 +118,8 @@ def _write_failure(e: OSError, tmp: str, directory: str) -> str:
     """Why a write failed, in words. numpy's tofile reports a short write without errno."""
     code = e.errno
     if code is None:
-        size = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        written = e.filename if isinstance(e.filename, str) else tmp  # a file inside a temporary directory
+        size = os.path.getsize(written) if os.path.isfile(written) else 0
         soft = _fsize_limit()
         if soft is not None and size >= soft:
             code = errno.EFBIG
@@ -140,7 +159,11 @@ def atomic_path(path, *, force: bool = False, inputs=()):
         if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
             raise OutputError(path, f"write failed: {reason}; no output written") from None
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
+    _fsync_dir(directory)  # make the rename itself durable
+
+
+def _fsync_dir(directory: str) -> None:
+    with contextlib.suppress(OSError):
         dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
@@ -154,3 +177,87 @@ def atomic_output(path, *, force: bool = False, inputs=()):
     with atomic_path(path, force=force, inputs=inputs) as tmp:
         with open(tmp, "wb") as f:
             yield f
+
+
+# --- directory outputs -------------------------------------------------------------------
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies under it (by real path, or by identity of an ancestor)."""
+    real, top = os.path.realpath(path), os.path.realpath(directory)
+    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+        return True
+    if not os.path.isdir(directory):
+        return False
+    p = os.path.abspath(path)
+    while True:  # bind mounts and the like: compare each ancestor by inode
+        if _same_file(p, directory) and os.path.exists(p):
+            return True
+        parent = os.path.dirname(p)
+        if parent == p:
+            return False
+        p = parent
+
+
+def check_dir_target(path, *, force: bool = False, inputs=()) -> str:
+    """Checks for a directory output: not an input nor holding one, absent unless force."""
+    path = os.fspath(path)
+    for src in inputs:
+        if src is not None and _inside(src, path):
+            raise OutputError(path, f"refusing to write over a directory that is or contains the input {src}")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise OutputError(path, "output exists and is not a directory")
+    if os.path.lexists(path) and not force:
+        raise OutputError(path, "output exists; pass --force to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise OutputError(path, f"parent directory {parent} does not exist")
+    return path
+
+
+def _fsync_tree(top: str) -> None:
+    for root, dirs, files in os.walk(top):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _swap_in(tmp: str, path: str, directory: str) -> None:
+    """Rename `tmp` to `path`; an existing `path` goes aside first and is deleted last."""
+    with _signals_deferred():  # an interruption between the two renames would lose both
+        if not os.path.lexists(path):
+            os.rename(tmp, path)
+            return
+        aside = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".old.", suffix=TMP_SUFFIX, dir=directory)
+        os.rmdir(aside)  # reserve a unique name, then take it (path may be a symlink to a directory)
+        os.rename(path, aside)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            os.rename(aside, path)  # put the old output back
+            raise
+        _remove_now(aside)
+
+
+@contextlib.contextmanager
+def atomic_dir(path, *, force: bool = False, inputs=()):
+    """Yield a new empty temporary directory beside `path`; on clean exit it becomes `path`.
+
+    On any exception (KeyboardInterrupt included) the temporary directory is removed and an
+    existing `path` is untouched. With force, an existing `path` is replaced only on success.
+    """
+    path = check_dir_target(path, force=force, inputs=inputs)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        os.chmod(tmp, _final_mode(path, 0o777))
+        _swap_in(tmp, path, directory)
+    except BaseException as e:
+        reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
+        _remove_quietly(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise OutputError(path, f"write failed: {reason}; no output written") from None
+        raise
+    _fsync_dir(directory)

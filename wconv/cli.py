@@ -96,20 +96,25 @@ def inspect(path, as_json, allow_unknown_globals):
 @main.command()
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path())
-@click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "llama2c", "ggjt"]),
-              help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt).")
+@click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "llama2c", "ggjt", "hf"]),
+              help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt). "
+                   "hf: a Hugging Face model directory OUT (config.json + safetensors) transformers loads.")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
-              help="Output element type (gguf/ggjt/safetensors). 1-D tensors stay f32 in GGUF.")
+              help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16). "
+                   "1-D tensors stay f32 in GGUF.")
+@click.option("--max-shard-size", help="--to hf: split the weights into shards of at most this size "
+                                       "(e.g. 5GB, the default, or 500MB) with model.safetensors.index.json.")
 @_llama2c_options
 @_tok
 @_force
 @_quiet
-def convert(src, out, to, dtype, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
     """Convert SRC (any readable format) to OUT."""
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to=to, dtype=dtype, version=bin_version, group_size=group_size,
-               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet)
+               max_seq_len=max_seq_len, max_shard_size=max_shard_size, tokenizer=tokenizer, force=force,
+               quiet=quiet)
 
 
 @main.command("pth-to-bin")

@@ -1,10 +1,11 @@
-"""Write a Model in a chosen format: pick the writer, stream through an atomic temp file."""
+"""Write a Model in a chosen format: pick the writer, stream through an atomic temp file
+(or, for directory formats such as `hf`, an atomic temporary directory)."""
 from __future__ import annotations
 
 import importlib
 import os
 
-from ..atomic import atomic_path, check_target
+from ..atomic import atomic_dir, atomic_path, check_target
 from ..errors import UnsupportedError, UsageError
 from .load import load_model, load_tokenizer
 
@@ -14,7 +15,9 @@ WRITERS = {
     "safetensors": ("wconv.formats.safetensors_io", "write"),
     "llama2c": ("wconv.formats.llama2c", "write"),
     "ggjt": ("wconv.formats.ggml_legacy", "write_ggjt"),
+    "hf": ("wconv.formats.hf_dir", "write"),  # a directory; only by --to hf
 }
+DIRECTORY_FORMATS = {"hf"}
 EXTENSIONS = {".gguf": "gguf", ".safetensors": "safetensors", ".bin": "llama2c", ".ggjt": "ggjt"}
 
 
@@ -23,7 +26,8 @@ def format_for(out: str, to: str | None) -> str:
         return to
     ext = os.path.splitext(out)[1].lower()
     if ext not in EXTENSIONS:
-        raise UsageError(out, f"cannot tell the output format from extension {ext or '(none)'!r}; pass --to")
+        raise UsageError(out, f"cannot tell the output format from extension {ext or '(none)'!r}; pass --to "
+                              "(--to hf for a Hugging Face model directory)")
     return EXTENSIONS[ext]
 
 
@@ -39,12 +43,16 @@ def input_files(model) -> list:
 
 def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     fmt = format_for(os.fspath(out), to)
-    module, fn = WRITERS[fmt]
-    writer = getattr(importlib.import_module(module), fn)
+    module_name, fn = WRITERS[fmt]
+    module = importlib.import_module(module_name)
+    writer = getattr(module, fn)
     options = {k: v for k, v in options.items() if v is not None}
     if not model.tensors:  # e.g. llama.cpp's vocab-only GGUF files: inspectable, not convertible
         raise UnsupportedError(model.path or None, "the model has no tensors (a vocab-only file?); nothing to convert")
-    with atomic_path(out, force=force, inputs=input_files(model)) as tmp:
+    if hasattr(module, "check_options"):  # refuse bad options naming OUT, before any temporary exists
+        module.check_options(model, out, **options)
+    target = atomic_dir if fmt in DIRECTORY_FORMATS else atomic_path
+    with target(out, force=force, inputs=input_files(model)) as tmp:
         writer(model, tmp, quiet=quiet, **options)
     return fmt
 
@@ -52,6 +60,8 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
 def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
     model = load_model(src, tokenizer=tokenizer)
     fmt = format_for(os.fspath(out), to)
+    if fmt != "hf" and options.pop("max_shard_size", None) is not None:
+        raise UsageError(out, "--max-shard-size applies to --to hf only")
     if fmt != "llama2c":
         options.pop("version", None)
         options.pop("group_size", None)

@@ -213,7 +213,8 @@ def hf_config(model) -> dict:
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": c.dim,
                 "n_layer": c.n_layers, "n_head": c.n_heads, "n_positions": c.max_seq_len,
                 "n_inner": c.hidden_dim, "vocab_size": c.vocab_size, "layer_norm_epsilon": c.norm_eps,
-                "activation_function": "gelu_new", "tie_word_embeddings": c.tie_embeddings}
+                "activation_function": "gelu" if c.gelu == "erf" else "gelu_new",  # HF: gelu = erf form
+                "tie_word_embeddings": c.tie_embeddings}
     raise UsageError(model.path or None, f"no Hugging Face config for architecture {c.arch!r}")
 
 

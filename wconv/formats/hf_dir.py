@@ -1,0 +1,186 @@
+"""Hugging Face model directories, as transformers' from_pretrained reads them.
+
+Written: `config.json` (LlamaForCausalLM / GPT2LMHeadModel), the weights with HF names and
+orientation (q/k rows permuted for HF's rotate_half, GPT-2 Conv1D weights stored [in, out];
+a tied classifier is left out, HF re-ties it), and a copy of the sentencepiece
+`tokenizer.model` when the model came with one. Weights go to `model.safetensors`, or, above
+the shard limit, to `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`
+(save_pretrained's layout). Every file is streamed one tensor at a time by safetensors_io.write.
+
+wconv's directory reader (wconv.convert.sources.load_directory) reads all of it back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+
+from .. import dtypes, layouts
+from ..errors import UsageError
+from ..model import Model
+from ..tensor import LazyTensor
+from . import safetensors_io
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # save_pretrained's default, "5GB"
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_OUT_DTYPES = {"f32": dtypes.F32, "f16": dtypes.F16, "bf16": dtypes.BF16}
+_TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+# transformers' defaults for configs that do not say (GPT2Config: 50256; LlamaConfig: 1 and 2).
+_DEFAULT_SPECIAL_IDS = {"llama": (1, 2), "gpt2": (50256, 50256)}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def parse_size(value) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "64KiB" or "1000" (HF's units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if unit not in _SIZE_UNITS:
+            raise UsageError(None, f"--max-shard-size {value!r}: expected a size such as 5GB, 500MB or 1000000")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise UsageError(None, f"--max-shard-size {value!r} must be positive")
+    return n
+
+
+def output_dtype(model, dtype=None) -> dtypes.DType:
+    """One element type for every tensor: the requested one, else the source's if it has a
+    single f32/f16/bf16 type, else f32 (lossless for mixed and quantised sources)."""
+    if dtype is not None:
+        if isinstance(dtype, dtypes.DType):
+            dtype = dtype.name.lower()
+        out = _OUT_DTYPES.get(str(dtype).lower())
+        if out is None:
+            raise UsageError(None, f"Hugging Face output supports --dtype f32, f16 or bf16, not {dtype}")
+        return out
+    kinds = {t.dtype for t in model.tensors.values()}
+    if len(kinds) == 1 and next(iter(kinds)).name in _TORCH_DTYPE:
+        return next(iter(kinds))
+    return dtypes.F32
+
+
+def check_options(model, out, *, dtype=None, max_shard_size=None, max_seq_len=None) -> None:
+    """Refuse, naming OUT, what an HF directory cannot hold, before anything is written."""
+    try:
+        output_dtype(model, dtype)
+        if max_shard_size is not None:
+            parse_size(max_shard_size)
+    except UsageError as e:
+        raise UsageError(out, e.message) from None
+    c = model.config
+    if c.arch not in ("llama", "gpt2"):
+        raise UsageError(out, f"no Hugging Face model class for architecture {c.arch!r}")
+    if c.arch == "llama":
+        if c.bias:
+            raise UsageError(out, "LlamaForCausalLM has no biases; this model has some")
+        for name, heads in (("blk.0.attn_q.weight", c.n_heads), ("blk.0.attn_k.weight", c.n_kv_heads)):
+            t = model.get(name)
+            if not heads or (t is not None and t.shape[0] % (2 * heads)):
+                raise UsageError(out, f"{name}: cannot permute its rows for {heads} heads")
+    elif max_seq_len and max_seq_len != c.max_seq_len:
+        raise UsageError(out, f"GPT-2's context is its {c.max_seq_len} position embeddings; "
+                              f"cannot write --max-seq-len {max_seq_len}")
+
+
+def _special_ids(model) -> tuple:
+    tok, c = model.tokenizer, model.config
+    ids = (tok.bos_id, tok.eos_id) if tok is not None else _DEFAULT_SPECIAL_IDS[c.arch]
+    return tuple(i if isinstance(i, int) and 0 <= i < c.vocab_size else None for i in ids)
+
+
+def hf_config(model, out_dtype: dtypes.DType, *, max_seq_len=None) -> dict:
+    """config.json: safetensors_io.hf_config plus dtype, special tokens and the context override."""
+    c = model.config
+    config = safetensors_io.hf_config(model)
+    config["torch_dtype"] = _TORCH_DTYPE[out_dtype.name]
+    config["bos_token_id"], config["eos_token_id"] = _special_ids(model)
+    if c.arch == "llama":
+        config["head_dim"] = c.dim // c.n_heads
+        if max_seq_len:
+            config["max_position_embeddings"] = int(max_seq_len)
+    return config
+
+
+def _hf_tensors(model) -> dict:
+    """Canonical name -> tensor to write: quantised ones dequantised (so one dtype throughout),
+    and zero biases for a bias-free GPT-2 (HF's GPT-2 always has them; zero is the same model)."""
+    tensors = {}
+    for name, t in model.tensors.items():
+        tensors[name] = t.derive(lambda a: a, dtype=dtypes.F32, float_input=True) if t.dtype.quantized else t
+    c = model.config
+    if c.arch == "gpt2" and not c.bias:
+        for name in layouts.expected_names("gpt2", c.n_layers, c.tie_embeddings):
+            if name.endswith(".bias") and name not in tensors:
+                rows = c.hidden_dim if "ffn_up" in name else c.dim * (3 if "attn_qkv" in name else 1)
+                tensors[name] = LazyTensor(name, dtypes.F32, (rows,), lambda n=rows: np.zeros(n, np.float32),
+                                           "zero bias")
+    return tensors
+
+
+def plan_shards(sizes: list, max_bytes: int) -> list:
+    """Greedy split of [(name, nbytes)] in order: a new shard when the next tensor would push
+    the current one past max_bytes (a tensor larger than that gets a shard of its own)."""
+    shards, current, used = [], [], 0
+    for name, n in sizes:
+        if current and used + n > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += n
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def _copy_tokenizer(model, tmp_dir) -> None:
+    """A sentencepiece tokenizer.model travels with the weights (HF's LlamaTokenizer reads it)."""
+    tok = model.tokenizer
+    source = getattr(tok, "source", "") or ""
+    if tok is None or tok.model != "llama" or not os.path.isfile(source) or not source.endswith(".model"):
+        return
+    if model.config.vocab_size and len(tok.tokens) > model.config.vocab_size:
+        raise UsageError(source, f"tokenizer has {len(tok.tokens)} tokens but the model only "
+                                 f"{model.config.vocab_size} embedding rows")
+    shutil.copyfile(source, os.path.join(tmp_dir, "tokenizer.model"))
+
+
+def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=None, max_seq_len=None) -> None:
+    """Fill the (empty, temporary) directory tmp_dir with the HF form of `model`."""
+    check_options(model, tmp_dir, dtype=dtype, max_shard_size=max_shard_size, max_seq_len=max_seq_len)
+    out_dtype = output_dtype(model, dtype)
+    limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else parse_size(max_shard_size)
+    layout = "hf-llama" if model.config.arch == "llama" else "hf-gpt2"
+    tensors = _hf_tensors(model)
+    sizes = [(name, out_dtype.nbytes(t.n_elements)) for name, t in tensors.items()]
+    shards = plan_shards(sizes, limit)
+
+    def write_shard(names, filename):
+        part = Model(config=model.config, tensors={n: tensors[n] for n in names}, path=model.path)
+        safetensors_io.write(part, os.path.join(tmp_dir, filename), quiet=quiet, dtype=out_dtype, names="hf")
+
+    if len(shards) == 1:
+        write_shard(shards[0], SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, names in enumerate(shards, 1):
+            filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_shard(names, filename)
+            weight_map.update((layouts.from_canonical(n, layout), filename) for n in names)
+        index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+        _write_json(os.path.join(tmp_dir, INDEX_FILE), index)
+    _write_json(os.path.join(tmp_dir, "config.json"), hf_config(model, out_dtype, max_seq_len=max_seq_len))
+    _copy_tokenizer(model, tmp_dir)
+
+
+def _write_json(path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
