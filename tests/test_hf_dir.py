@@ -11,6 +11,10 @@ import glob
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import weakref
 
 import numpy as np
@@ -425,3 +429,57 @@ def test_cli(tmp_path):
     res = run(cli, ["convert", "-q", fixture_path("meta-tiny"), str(out), "--to", "hf"])
     assert res.exit_code == 2 and "pass --force" in res.output
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+# --- signals, end to end through the CLI ----------------------------------------------------------
+
+WCONV = os.path.join(os.path.dirname(sys.executable), "wconv")
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory):
+    """A ~40 MB f32 model: its bf16 HF form takes long enough to stop between shards."""
+    path = tmp_path_factory.mktemp("big") / "big.safetensors"
+    save(random_model(llama_config(dim=256, n_layers=8, n_heads=4, n_kv_heads=4, hidden_dim=768,
+                                   vocab_size=8000), seed=3), path, quiet=True)
+    return str(path)
+
+
+def _start_and_freeze(src, out, *extra):
+    """Start `wconv convert --to hf` and SIGSTOP it once its temporary directory holds a shard."""
+    proc = subprocess.Popen([WCONV, "convert", "-q", src, str(out), "--to", "hf", "--dtype", "bf16",
+                             "--max-shard-size", "1MB", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        tmps = glob.glob(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.*{TMP_SUFFIX}"))
+        if tmps and glob.glob(os.path.join(tmps[0], "model-00002-of-*.safetensors")):
+            proc.send_signal(signal.SIGSTOP)
+            return proc, tmps[0]
+        time.sleep(0.001)
+    proc.kill()
+    pytest.fail(f"conversion ended or never wrote a shard (exit {proc.poll()}): {proc.communicate()}")
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "force-over-old"])
+def test_sigterm_midway_leaves_nothing_and_keeps_the_old_output(existing, big_input, tmp_path):
+    out = tmp_path / "hf"
+    if existing:
+        out.mkdir()
+        (out / "keep.txt").write_text("old")
+    proc, tmp = _start_and_freeze(big_input, out, *(["--force"] if existing else []))
+    assert existing == out.exists()  # nothing at the target until the end
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "wconv: interrupted; no output written"
+    assert not os.path.exists(tmp) and leftovers(tmp_path) == []
+    assert (_snapshot(out) == {"keep.txt": b"old"}) if existing else not out.exists()
+
+
+def test_sigkill_leaves_only_a_hidden_temporary_directory(big_input, tmp_path):
+    out = tmp_path / "hf"
+    proc, tmp = _start_and_freeze(big_input, out)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not out.exists() and leftovers(tmp_path) == [os.path.basename(tmp)]
