@@ -369,6 +369,21 @@ def test_force_replaces_only_on_success(tmp_path):
     assert_same_tensors(wconv.load(out), wconv.load(fixture_path("llama2c-ckpt.pt")))
 
 
+def test_trailing_slash_and_force_over_a_symlink(tmp_path):
+    convert(fixture_path("llama2c-ckpt.pt"), str(tmp_path / "hf") + os.sep, to="hf", quiet=True)
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    convert(fixture_path("llama2c-ckpt.pt"), link, to="hf", force=True, quiet=True)
+    # The link itself is replaced by the new directory; what it pointed to is not deleted.
+    assert not link.is_symlink() and (link / "config.json").exists()
+    assert _snapshot(elsewhere) == {"keep.txt": b"old"}
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "hf", "link"]
+
+
 def test_new_directory_gets_the_usual_mode(tmp_path):
     out = tmp_path / "hf"
     convert(fixture_path("llama2c-ckpt.pt"), out, to="hf", quiet=True)

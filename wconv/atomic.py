@@ -200,7 +200,7 @@ def _inside(path: str, directory: str) -> bool:
 
 def check_dir_target(path, *, force: bool = False, inputs=()) -> str:
     """Checks for a directory output: not an input nor holding one, absent unless force."""
-    path = os.fspath(path)
+    path = os.fspath(path).rstrip(os.sep) or os.sep  # "out/" names the directory "out"
     for src in inputs:
         if src is not None and _inside(src, path):
             raise OutputError(path, f"refusing to write over a directory that is or contains the input {src}")
