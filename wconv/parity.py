@@ -38,6 +38,7 @@ check separates them from f16/bf16/q8 noise but not from q4 noise.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -191,6 +192,8 @@ def compare(a, b, *, tokens=None, random_tokens=None, seed=0, atol=None, float64
         raise UsageError(where, f"architectures differ: {ma.config.arch} vs {mb.config.arch}")
     if tokens is not None and random_tokens is not None:
         raise UsageError(where, "pass either prompt tokens or random tokens, not both")
+    if atol is not None and not (math.isfinite(atol) and atol >= 0):  # NaN or < 0 would fail every model
+        raise UsageError(where, f"atol must be a finite number >= 0, got {atol}")
     if random_tokens is not None:
         if random_tokens <= 0:
             raise UsageError(where, f"random token count must be positive, got {random_tokens}")

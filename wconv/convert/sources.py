@@ -89,9 +89,12 @@ def _check_not_a_shard(path, strict):
         index = os.path.join(directory, index_name)
         if os.path.isfile(index) and strict:
             try:
-                files = set(read_json(index).get("weight_map", {}).values())
+                weight_map = read_json(index).get("weight_map")
             except FormatError:
                 continue
+            if not isinstance(weight_map, dict):  # malformed: not ours to judge when reading one file
+                continue
+            files = {f for f in weight_map.values() if isinstance(f, str)}
             if base in files and len(files) > 1:
                 raise UnsupportedError(path, f"this is one of {len(files)} shards listed in {index_name}; "
                                              f"pass the directory {directory} instead")

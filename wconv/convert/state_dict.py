@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 
@@ -280,9 +281,33 @@ def _declared(layout: str, params, model_args, hf_config) -> dict:
                  vocab_size=c.get("vocab_size"), hidden_dim=c.get("n_inner"),
                  max_seq_len=c.get("n_positions"), norm_eps=c.get("layer_norm_epsilon"),
                  gelu="erf" if c.get("activation_function") == "gelu" else "tanh")
-    if d.get("vocab_size") is not None and d["vocab_size"] <= 0:
+    v = d.get("vocab_size")
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool) and v <= 0:
         d["vocab_size"] = None  # Meta writes -1: "take it from the tokenizer / embedding"
     return {k: v for k, v in d.items() if v is not None}
+
+
+_INT_HPARAMS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len")
+_FLOAT_HPARAMS = ("norm_eps", "rope_theta")
+_DECLARED_IN = {"meta": "params.json", "llama2c-ckpt": "model_args", "nanogpt": "model_args",
+                "hf-llama": "config.json", "hf-gpt2": "config.json"}
+
+
+def _check_declared_types(declared: dict, layout: str, problems) -> dict:
+    """Drop (and report) declared values of the wrong JSON type: they would crash int()/float() later."""
+    out = {}
+    for key, v in declared.items():
+        number = isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars from pickles too
+        if key in _INT_HPARAMS and not (number and isinstance(v, numbers.Integral)):
+            problems.hparam_problem(FormatError, f"{_DECLARED_IN.get(layout, 'the checkpoint')} gives {key}="
+                                                 f"{v!r:.60}; expected an integer")
+            continue
+        if key in _FLOAT_HPARAMS and not number:
+            problems.hparam_problem(FormatError, f"{_DECLARED_IN.get(layout, 'the checkpoint')} gives {key}="
+                                                 f"{v!r:.60}; expected a number")
+            continue
+        out[key] = int(v) if key in _INT_HPARAMS else v
+    return out
 
 
 def _check_int(value, what, problems):
@@ -389,11 +414,25 @@ def _canonical_config(canon, st_metadata, problems) -> Config | None:
     try:
         for key, text in fields.items():
             if hasattr(cfg, key) and not key.startswith("_"):
-                setattr(cfg, key, json.loads(text))
-    except ValueError as e:
+                value, default = json.loads(text), getattr(cfg, key)
+                if not _same_kind(value, default):
+                    problems.hparam_problem(FormatError, f"bad wconv.* metadata: {prefix}{key} is {value!r:.60}, "
+                                                         f"expected a {type(default).__name__}")
+                    return None
+                setattr(cfg, key, value)
+    except (ValueError, RecursionError) as e:
         problems.hparam_problem(FormatError, f"bad wconv.* metadata: {e}")
         return None
     return cfg
+
+
+def _same_kind(value, default) -> bool:
+    """Whether a JSON value can stand for a Config field whose default is `default`."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 def _expected(cfg: Config, canon: dict) -> list:
@@ -541,7 +580,8 @@ def _config_for(layout, canon, params, model_args, hf_config, st_metadata, probl
         declared = {}
     else:
         arch = "gpt2" if layout in ("nanogpt", "hf-gpt2") else "llama"
-        declared = _declared(layout, params or {}, model_args or {}, hf_config or {})
+        declared = _check_declared_types(_declared(layout, params or {}, model_args or {}, hf_config or {}),
+                                         layout, problems)
     shared = _tied(canon)
     if shared:
         del canon["output.weight"]
@@ -573,8 +613,12 @@ def _note_meta_hidden(canon, params, problems):
     if not (isinstance(dim, int) and isinstance(multiple_of, int) and multiple_of > 0 and w1 is not None):
         return
     hidden = int(2 * (4 * dim) / 3)
-    if params.get("ffn_dim_multiplier"):
-        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    multiplier = params.get("ffn_dim_multiplier")
+    if isinstance(multiplier, bool) or not (multiplier is None or isinstance(multiplier, numbers.Real)):
+        problems.notes.append(f"params.json ffn_dim_multiplier {multiplier!r:.40} is not a number; ignored")
+        return
+    if multiplier:
+        hidden = int(multiplier * hidden)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     if hidden != w1.shape[0]:
         problems.notes.append(f"params.json implies hidden_dim {hidden} but w1 has {w1.shape[0]} rows; using w1")

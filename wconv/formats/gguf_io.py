@@ -286,22 +286,28 @@ def _tokenizer(kv: dict, path: str) -> Tokenizer | None:
         source=path)
 
 
-def _config(kv: dict, arch: str, tensors: dict, tokenizer) -> Config:
+def _config(kv: dict, arch: str, tensors: dict, tokenizer, path: str) -> Config:
     def get(key, default=0):
         v = kv.get(f"{arch}.{key}", default)
         if isinstance(v, list):  # per-layer values (some architectures): report the first
             v = v[0] if v else default
         return default if isinstance(v, bytes) else v
 
+    def count(key):
+        v = get(key)
+        if isinstance(v, float) and not v.is_integer():  # NaN, inf, 2.5: int() would crash or truncate
+            raise FormatError(path, f"metadata {arch}.{key} is {v!r}, expected a whole number")
+        return int(v)
+
     emb = tensors.get("token_embd.weight")
-    vocab = get("vocab_size") or (len(tokenizer.tokens) if tokenizer else 0) or (emb.shape[0] if emb else 0)
-    n_heads = int(get("attention.head_count"))
+    vocab = count("vocab_size") or (len(tokenizer.tokens) if tokenizer else 0) or (emb.shape[0] if emb else 0)
+    n_heads = count("attention.head_count")
     eps = get("attention.layer_norm_rms_epsilon") or get("attention.layer_norm_epsilon") or 1e-5
     return Config(
         arch=arch if arch in ("llama", "gpt2") else "unknown",
-        dim=int(get("embedding_length")), n_layers=int(get("block_count")), n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv") or n_heads), vocab_size=int(vocab),
-        hidden_dim=int(get("feed_forward_length")), max_seq_len=int(get("context_length")),
+        dim=count("embedding_length"), n_layers=count("block_count"), n_heads=n_heads,
+        n_kv_heads=count("attention.head_count_kv") or n_heads, vocab_size=int(vocab),
+        hidden_dim=count("feed_forward_length"), max_seq_len=count("context_length"),
         norm_eps=_f32(eps), rope_theta=_f32(get("rope.freq_base") or 10000.0),
         tie_embeddings=bool(tensors) and "output.weight" not in tensors,
         bias=arch == "gpt2",
@@ -344,7 +350,7 @@ def read(path) -> Model:
     metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"
     if not tensors:
         metadata["vocab_only"] = True
-    cfg = _config(h.kv, arch, tensors, tokenizer)
+    cfg = _config(h.kv, arch, tensors, tokenizer, path)
     return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
                  source_format=f"gguf-v{h.version}", source_layout="gguf", path=path)
 
@@ -481,6 +487,8 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
     names, hidden = check_writable(model, where)
+    if max_seq_len is not None and max_seq_len <= 0:  # not "unset": 0 would silently mean the default
+        raise UsageError(where, f"max_seq_len must be positive, got {max_seq_len}")
     n_ctx = int(max_seq_len or cfg.max_seq_len or 0)
     if cfg.arch == "gpt2":
         rows = model.tensors["position_embd.weight"].shape[0]
