@@ -33,13 +33,17 @@ PY = sys.executable
 
 
 def make_checkpoint(directory: str, target_mb: int) -> dict:
-    """A Meta-layout bf16 checkpoint of about target_mb MB (dim 1024, vocab 32000)."""
+    """A Meta-layout bf16 checkpoint of about target_mb MB (dim 1024, vocab 32000), or
+    with target_mb 0 one shaped exactly like Llama 2 7B (dim 4096, 32 layers: 13.5 GB)."""
     import torch
 
-    dim, hidden, vocab, n_heads = 1024, 2816, 32000, 16
-    per_layer = (4 * dim * dim + 3 * dim * hidden + 2 * dim) * 2
-    fixed = (2 * vocab * dim + dim) * 2
-    n_layers = max(1, (target_mb * 2**20 - fixed) // per_layer)
+    if target_mb == 0:
+        dim, hidden, vocab, n_heads, n_layers = 4096, 11008, 32000, 32, 32
+    else:
+        dim, hidden, vocab, n_heads = 1024, 2816, 32000, 16
+        per_layer = (4 * dim * dim + 3 * dim * hidden + 2 * dim) * 2
+        fixed = (2 * vocab * dim + dim) * 2
+        n_layers = max(1, (target_mb * 2**20 - fixed) // per_layer)
     os.makedirs(directory, exist_ok=True)
     g = torch.Generator().manual_seed(0)
 
@@ -139,14 +143,17 @@ def main():
     ap.add_argument("--sizes-mb", default="256,1024")
     ap.add_argument("--workdir", default="/tmp/wconv-bench")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--skip-torch", action="store_true",
+                    help="measure wconv only (the torch route needs the whole model in RAM and twice the disk)")
+    ap.add_argument("--version", type=int, default=0, help="llama2.c output version for wconv (0, 1 or 2)")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes_mb.split(",")]
+    sizes = [int(s) for s in args.sizes_mb.split(",")]  # 0 = Llama-2-7B shapes
     wconv_bin = os.path.join(os.path.dirname(PY), "wconv")
     base = measure([wconv_bin, "--version"])
     print(f"baseline (python + wconv imports): anon {base['anon'] / 2**20:.0f} MiB, hwm {base['hwm'] / 2**20:.0f} MiB")
     rows = []
     for mb in sizes:
-        d = os.path.join(args.workdir, f"meta-{mb}mb")
+        d = os.path.join(args.workdir, f"meta-{mb}mb" if mb else "meta-7b-shapes")
         if not os.path.exists(os.path.join(d, "params.json")):
             print(f"making {mb} MB checkpoint in {d} ...", flush=True)
             make_checkpoint(d, mb)
@@ -157,18 +164,26 @@ def main():
             if os.path.exists(p):
                 os.unlink(p)
         subprocess.run(["sync"], check=False)
-        w = measure([wconv_bin, "pth-to-bin", d, out_w, "--quiet", "--max-seq-len", "2048"])
-        t = measure([PY, "-c", TORCH_EXPORT, d, out_t])
-        same = _same_weights(out_w, out_t)
+        w = measure([wconv_bin, "pth-to-bin", d, out_w, "--quiet", "--max-seq-len", "2048",
+                     "--version", str(args.version)])
+        if args.skip_torch:
+            t, same = None, "(torch route skipped)"
+        else:
+            t = measure([PY, "-c", TORCH_EXPORT, d, out_t])
+            same = _same_weights(out_w, out_t) if args.version == 0 else "(different output versions)"
         rows.append((mb, src_bytes, w, t, same))
         for p in (out_w, out_t):
-            if not args.keep:
+            if not args.keep and os.path.exists(p):
                 os.unlink(p)
     gb = 2**30
     print()
     print(f"{'source':>10} | {'wconv s':>8} {'anon GB':>8} {'hwm GB':>7} | {'torch s':>8} {'anon GB':>8} "
           f"{'hwm GB':>7} | {'time t/w':>8} {'anon t/w':>8} | same weights")
     for mb, src_bytes, w, t, same in rows:
+        if t is None:
+            print(f"{src_bytes / gb:8.2f}GB | {w['seconds']:8.1f} {w['anon'] / gb:8.3f} {w['hwm'] / gb:7.3f} | "
+                  f"{'-':>8} {'-':>8} {'-':>7} | {'-':>8} {'-':>8} | {same}")
+            continue
         print(f"{src_bytes / gb:8.2f}GB | {w['seconds']:8.1f} {w['anon'] / gb:8.3f} {w['hwm'] / gb:7.3f} | "
               f"{t['seconds']:8.1f} {t['anon'] / gb:8.3f} {t['hwm'] / gb:7.3f} | "
               f"{t['seconds'] / w['seconds']:8.2f} {t['anon'] / max(w['anon'], 1):8.2f} | {same}")
