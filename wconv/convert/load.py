@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError, UnsupportedError, WconvError
 from ..model import Model
 
 # File magics. Legacy torch files start with a pickle (protocol 2: 0x80 0x02).
@@ -75,10 +75,16 @@ def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, str
     if tokenizer is not None:
         model.tokenizer = load_tokenizer(tokenizer)
     elif model.tokenizer is None:
-        found = find_tokenizer_beside(path)
+        try:
+            found = find_tokenizer_beside(path)
+        except WconvError as e:  # an unreadable neighbour is not the model's problem
+            found = None
+            model.metadata.setdefault("notes", []).append(f"ignored tokenizer.model beside the input: {e}")
         # A neighbouring tokenizer.model with more tokens than the model has rows belongs to another model.
         if found is not None and not (model.config.vocab_size and len(found.tokens) > model.config.vocab_size):
             model.tokenizer = found
+            model.metadata.setdefault("notes", []).append(f"using the tokenizer found beside the input: "
+                                                          f"{found.source or 'tokenizer.model'}")
     model.path = path
     return model
 
@@ -115,8 +121,11 @@ def load_tokenizer(path):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FormatError(path, "tokenizer file not found")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise FormatError(path, f"cannot read tokenizer: {e.strerror or e}") from None
     # protobuf: field 1 (pieces, wire type 2), a length, then the piece's own field 1 tag.
     # A tokenizer.bin whose max_token_length is 10 also starts with 0x0a, but then zeros.
     if head[:1] == b"\x0a" and b"\x0a" in head[2:4]:
@@ -129,9 +138,17 @@ def load_tokenizer(path):
 
 
 def find_tokenizer_beside(path):
-    """tokenizer.model found next to a checkpoint (Meta and HF ship one), else None."""
-    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    for parent in (directory, os.path.dirname(directory)):
+    """tokenizer.model found next to a checkpoint (Meta and HF ship one), else None.
+
+    For a model directory its parent is searched too: Meta's downloads put tokenizer.model
+    beside the llama-2-7b/ folders.
+    """
+    if os.path.isdir(path):
+        directory = os.path.abspath(path)
+        places = (directory, os.path.dirname(directory))
+    else:
+        places = (os.path.dirname(os.path.abspath(path)),)
+    for parent in places:
         candidate = os.path.join(parent, "tokenizer.model")
         if os.path.isfile(candidate):
             return load_tokenizer(candidate)
