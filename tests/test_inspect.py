@@ -13,7 +13,7 @@ from wconv import tensor as tensor_mod
 from wconv.errors import WconvError
 from wconv.inspect.report import MAX_METADATA_CHARS, format_text, inspect_path, report_for
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a pinned test dependency: fail, never skip, when it is missing)
 
 FIXTURES = ["meta-tiny", "meta-tiny-2shard", "meta-tiny-f16", "hf-llama-tiny", "hf-llama-tiny-bin",
             "llama2c-ckpt.pt", "nanogpt-ckpt.pt"]

@@ -12,7 +12,7 @@ from wconv.convert.load import load_model
 from wconv.convert.sources import load_directory, load_safetensors_file, load_torch_file
 from wconv.errors import FormatError, UnsupportedError
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (a pinned test dependency: fail, never skip, when it is missing)
 
 META_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
               "output.weight": "output.weight", "attention.wq.weight": "attn_q", "attention.wk.weight": "attn_k",

@@ -35,9 +35,13 @@ def vocab(path):
     return out
 
 
+@pytest.fixture(scope="module")
+def reference():
+    return vocab(realdata_path("gguf", "ggml-vocab-llama-spm.gguf"))
+
+
 @pytest.mark.parametrize("source", ["tokenizer.model", "tokenizer.bin"])
-def test_gguf_vocab_equals_llama_cpp_conversion(tmp_path, source):
-    reference = vocab(realdata_path("gguf", "ggml-vocab-llama-spm.gguf"))
+def test_gguf_vocab_equals_llama_cpp_conversion(tmp_path, source, reference):
     tok = realdata_path("llama2c", source)
     # A small model with the Llama 2 vocabulary size, on disk, converted by the CLI with --tokenizer.
     m = modelgen.random_model(modelgen.llama_config(vocab_size=32000, dim=32, n_heads=4, n_kv_heads=4,
