@@ -436,7 +436,7 @@ def test_cli(tmp_path):
     for args, message in (
             (["--to", "hf", "--dtype", "q4_0"], "not q4_0"),
             (["--to", "hf", "--max-shard-size", "lots"], "expected a size"),
-            (["--to", "gguf", "--max-shard-size", "1GB"], "applies to --to hf only"),
+            (["--to", "gguf", "--max-shard-size", "1GB"], "--max-shard-size does not apply to"),
             ([], "pass --to (--to hf for a Hugging Face model directory)")):
         res = run(cli, ["convert", "-q", fixture_path("meta-tiny"), str(tmp_path / "other"), *args])
         assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1

@@ -69,7 +69,7 @@ def test_wrongly_typed_wconv_metadata_is_a_format_error(tmp_path):
 @pytest.mark.parametrize("value", [0, -5])
 def test_gguf_max_seq_len_must_be_positive(tmp_path, value):
     out = tmp_path / "o.gguf"
-    with pytest.raises(UsageError, match="max_seq_len must be positive"):
+    with pytest.raises(UsageError, match="max.seq.len must be (positive|at least 1)"):
         convert(fixture_path("meta-tiny"), out, max_seq_len=value, quiet=True)
     assert list(tmp_path.iterdir()) == []
 
@@ -113,3 +113,41 @@ def test_gguf_non_integral_hyperparameter_is_a_format_error(tmp_path, value):
     w.close()
     with pytest.raises(FormatError, match="llama.attention.head_count"):
         wconv.load(path)
+
+
+# --- options a format does not take are refused, not dropped or crashed on --------------------
+@pytest.mark.parametrize("out,options,message", [
+    ("m.safetensors", {"max_seq_len": 5}, "--max-seq-len does not apply to safetensors"),
+    ("m.ggjt", {"max_seq_len": 5}, "--max-seq-len does not apply to ggjt"),
+    ("m.gguf", {"version": 2}, "--version does not apply to gguf"),
+    ("m.gguf", {"group_size": 32}, "--group-size does not apply to gguf"),
+    ("m.bin", {"dtype": "f16"}, "use --version 2"),
+    ("m.gguf", {"max_seq_len": 0}, "at least 1"),
+])
+def test_inapplicable_options_refused(tmp_path, out, options, message):
+    with pytest.raises(UsageError, match=message):
+        convert(fixture_path("meta-tiny"), str(tmp_path / out), quiet=True, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_max_seq_len_must_be_positive(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "wconv.cli", "pth-to-bin", fixture_path("meta-tiny"),
+                           str(tmp_path / "m.bin"), "--max-seq-len", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "max-seq-len" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_config_v5_rope_parameters_and_odd_architectures(tmp_path):
+    d = tmp_path / "hf"
+    shutil.copytree(fixture_path("hf-llama-tiny"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("rope_theta", None)
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert wconv.load(str(d)).config.rope_theta == 500000.0
+    cfg["architectures"] = 5  # not a list: ignored, model_type still identifies the layout
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert wconv.load(str(d)).source_layout == "hf-llama"

@@ -61,12 +61,13 @@ def main():
 def _llama2c_options(fn):
     """--version / --group-size / --max-seq-len, shared by convert and pth-to-bin."""
     for opt in reversed((
-        click.option("--version", "bin_version", type=click.IntRange(0, 2), default=0, show_default=True,
-                     help="llama2.c .bin version: 0 legacy fp32 layout run.c reads; 1 'ak42' fp32; "
+        click.option("--version", "bin_version", type=click.IntRange(0, 2),
+                     help="llama2.c .bin version: 0 (default) legacy fp32 layout run.c reads; 1 'ak42' fp32; "
                           "2 int8 Q8_0 for runq.c."),
         click.option("--group-size", type=int,
                      help="v2 group size (default 64, halved until it divides dim and hidden_dim)."),
-        click.option("--max-seq-len", type=int, help="Override the context length written to the header."),
+        click.option("--max-seq-len", type=click.IntRange(min=1),
+                     help="Override the context length written to the header."),
     )):
         fn = opt(fn)
     return fn

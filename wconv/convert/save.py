@@ -57,18 +57,27 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     return fmt
 
 
+# Options each output format takes (besides force/quiet), as CLI spellings for messages.
+FORMAT_OPTIONS = {
+    "gguf": ("dtype", "max_seq_len"),
+    "safetensors": ("dtype",),
+    "llama2c": ("version", "group_size", "max_seq_len"),
+    "ggjt": ("dtype",),
+    "hf": ("dtype", "max_seq_len", "max_shard_size"),
+}
+
+
 def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
-    model = load_model(src, tokenizer=tokenizer)
     fmt = format_for(os.fspath(out), to)
-    if fmt != "hf" and options.pop("max_shard_size", None) is not None:
-        raise UsageError(out, "--max-shard-size applies to --to hf only")
-    if fmt != "llama2c":
-        options.pop("version", None)
-        options.pop("group_size", None)
-    elif "dtype" in options and options["dtype"] is not None:
-        raise UsageError(out, "--dtype does not apply to llama2.c output; use --version 2 for int8")
-    else:
-        options.pop("dtype", None)
+    given = {k: v for k, v in options.items() if v is not None}
+    for name in given:
+        if name not in FORMAT_OPTIONS[fmt]:
+            hint = "; use --version 2 for int8" if (fmt, name) == ("llama2c", "dtype") else ""
+            raise UsageError(out, f"--{name.replace('_', '-')} does not apply to {fmt} output{hint}")
+    if given.get("max_seq_len") is not None and given["max_seq_len"] < 1:
+        raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
+    options = given
+    model = load_model(src, tokenizer=tokenizer)
     tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
         # pth-to-bin --tokenizer: tokenizer.bin beside the model, checked before anything is written.

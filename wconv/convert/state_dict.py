@@ -200,6 +200,8 @@ def _hf_architecture(hf_config: dict | None) -> str | None:
     if not hf_config:
         return None
     archs = hf_config.get("architectures") or []
+    if not isinstance(archs, list):
+        archs = []
     model_type = hf_config.get("model_type")
     if "LlamaForCausalLM" in archs or model_type == "llama":
         return "hf-llama"
@@ -274,7 +276,7 @@ def _declared(layout: str, params, model_args, hf_config) -> dict:
                  n_heads=c.get("num_attention_heads"), n_kv_heads=c.get("num_key_value_heads"),
                  vocab_size=c.get("vocab_size"), hidden_dim=c.get("intermediate_size"),
                  max_seq_len=c.get("max_position_embeddings"), norm_eps=c.get("rms_norm_eps"),
-                 rope_theta=c.get("rope_theta"), tie=c.get("tie_word_embeddings", False))
+                 rope_theta=_hf_rope_theta(c), tie=c.get("tie_word_embeddings", False))
     elif layout == "hf-gpt2" and hf_config:
         c = hf_config
         d = dict(dim=c.get("n_embd"), n_layers=c.get("n_layer"), n_heads=c.get("n_head"),
@@ -308,6 +310,14 @@ def _check_declared_types(declared: dict, layout: str, problems) -> dict:
             continue
         out[key] = int(v) if key in _INT_HPARAMS else v
     return out
+
+
+def _hf_rope_theta(c: dict):
+    """rope_theta from config.json: top level (transformers v4) or inside rope_parameters (v5)."""
+    if c.get("rope_theta") is not None:
+        return c["rope_theta"]
+    params = c.get("rope_parameters")
+    return params.get("rope_theta") if isinstance(params, dict) else None
 
 
 def _check_int(value, what, problems):
