@@ -317,7 +317,7 @@ def test_cli_force_and_errors_are_one_line(tmp_path):
     out.write_bytes(b"keep")
     res = subprocess.run([WCONV, "convert", "-q", src, str(out)], capture_output=True, text=True)
     assert res.returncode == 2 and res.stderr.splitlines()[-1] == (
-        f"wconv: error: {out}: output exists; pass --force to overwrite it")
+        f"wconv: error: {out}: output exists; pass --force to replace it")
     assert out.read_bytes() == b"keep"
     res = subprocess.run([WCONV, "convert", "-q", src, str(out), "--force"], capture_output=True, text=True)
     assert res.returncode == 0 and out.read_bytes()[:4] == b"GGUF" and leftovers(tmp_path) == []

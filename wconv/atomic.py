@@ -51,8 +51,13 @@ def check_target(path, *, force: bool = False, inputs=()) -> str:
             raise OutputError(path, "refusing to write over the input file")
     if os.path.isdir(path):
         raise OutputError(path, "output is a directory")
-    if os.path.exists(path) and not force:
-        raise OutputError(path, "output exists; pass --force to overwrite it")
+    return _check_replaceable(path, os.path.exists(path), force)
+
+
+def _check_replaceable(path: str, exists: bool, force: bool) -> str:
+    """An existing output needs --force; the output's parent directory must exist."""
+    if exists and not force:
+        raise OutputError(path, "output exists; pass --force to replace it")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(path, f"output directory {parent} does not exist")
@@ -206,12 +211,7 @@ def check_dir_target(path, *, force: bool = False, inputs=()) -> str:
             raise OutputError(path, f"refusing to write over a directory that is or contains the input {src}")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(path, "output exists and is not a directory")
-    if os.path.lexists(path) and not force:
-        raise OutputError(path, "output exists; pass --force to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise OutputError(path, f"parent directory {parent} does not exist")
-    return path
+    return _check_replaceable(path, os.path.lexists(path), force)
 
 
 def _fsync_tree(top: str) -> None:
