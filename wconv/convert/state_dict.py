@@ -304,9 +304,9 @@ def _check_declared_types(declared: dict, layout: str, problems) -> dict:
             problems.hparam_problem(FormatError, f"{_DECLARED_IN.get(layout, 'the checkpoint')} gives {key}="
                                                  f"{v!r:.60}; expected an integer")
             continue
-        if key in _FLOAT_HPARAMS and not number:
+        if key in _FLOAT_HPARAMS and not (number and math.isfinite(v) and v > 0):
             problems.hparam_problem(FormatError, f"{_DECLARED_IN.get(layout, 'the checkpoint')} gives {key}="
-                                                 f"{v!r:.60}; expected a number")
+                                                 f"{v!r:.60}; expected a positive finite number")
             continue
         out[key] = int(v) if key in _INT_HPARAMS else v
     return out

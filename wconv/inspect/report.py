@@ -6,6 +6,7 @@ format_text() renders the same report for people.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from ..convert.state_dict import summarise
@@ -44,7 +45,9 @@ def report_for(model) -> dict:
         "format": model.source_format,
         "layout": model.source_layout,
         "arch": model.config.arch,
-        "config": model.config.to_dict(),
+        # strict JSON: a non-finite value read from a file (e.g. a GGUF epsilon) becomes a string
+        "config": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                   for k, v in model.config.to_dict().items()},
         "n_tensors": len(tensors),
         "n_params": sum(t["n_params"] for t in tensors),
         "n_bytes": sum(t["nbytes"] for t in tensors),
