@@ -146,12 +146,14 @@ def _out_dtype(t: LazyTensor, requested: DType | None) -> DType:
     raise UnsupportedError(t.source or t.name, f"tensor {t.name}: dtype {t.dtype} cannot be stored in safetensors")
 
 
-def _convert(t: LazyTensor, out: DType) -> np.ndarray:
+def _pieces(t: LazyTensor, out: DType):
+    """Tensor `t` stored as `out`, as C-contiguous arrays: whole when no conversion is needed
+    (often a zero-copy map), else in bounded pieces so temporaries stay small."""
     if out is t.dtype:
-        return t.raw()
-    if out is dtypes.BF16:
-        return dtypes.f32_to_bf16(t.float32())
-    return t.float32().astype(out.storage)
+        yield np.ascontiguousarray(t.raw())
+        return
+    for piece in t.float32_chunks():
+        yield dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
 
 
 def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -246,12 +248,14 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for out_name, t, out, nbytes in items:
-            arr = np.ascontiguousarray(_convert(t, out))
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            data = arr.reshape(-1).view(np.uint8)  # zero-copy bytes, also for 0-d and empty tensors
-            if len(data) != nbytes:
-                raise FormatError(t.source or t.name, f"tensor {t.name}: produced {len(data)} bytes, expected {nbytes}")
-            f.write(data)
-            del arr, data
+            written = 0
+            for arr in _pieces(t, out):
+                if arr.dtype.byteorder == ">":
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                data = arr.reshape(-1).view(np.uint8)  # zero-copy bytes, also for 0-d and empty tensors
+                f.write(data)
+                written += len(data)
+                del arr, data
+            if written != nbytes:
+                raise FormatError(t.source or t.name, f"tensor {t.name}: produced {written} bytes, expected {nbytes}")
             bar.update(nbytes)
