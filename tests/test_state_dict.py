@@ -248,7 +248,7 @@ def test_hf_llama_unpermute_recovers_meta_weights(n_heads, n_kv_heads):
 
 def test_hf_k_permutation_really_depends_on_n_kv_heads():
     # Guard against a test that cannot fail: un-permuting k with n_heads gives other rows.
-    from wconv.formats.safetensors_io import hf_unpermute
+    from wconv.layouts import hf_unpermute
 
     state = meta_state(n_heads=4, n_kv_heads=2, seed=3)
     hf = _hf_from_meta(state, 4, 2)

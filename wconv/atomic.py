@@ -159,12 +159,17 @@ def atomic_path(path, *, force: bool = False, inputs=()):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
-        _remove_quietly(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise OutputError(path, f"write failed: {reason}; no output written") from None
-        raise
+        _fail(e, path, tmp, directory)
     _fsync_dir(directory)  # make the rename itself durable
+
+
+def _fail(e: BaseException, path: str, tmp: str, directory: str):
+    """Remove the temporary output and re-raise; an OSError becomes a one-line OutputError."""
+    reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
+    _remove_quietly(tmp)
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+        raise OutputError(path, f"write failed: {reason}; no output written") from None
+    raise e
 
 
 def _fsync_dir(directory: str) -> None:
@@ -255,9 +260,5 @@ def atomic_dir(path, *, force: bool = False, inputs=()):
         os.chmod(tmp, _final_mode(path, 0o777))
         _swap_in(tmp, path, directory)
     except BaseException as e:
-        reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
-        _remove_quietly(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise OutputError(path, f"write failed: {reason}; no output written") from None
-        raise
+        _fail(e, path, tmp, directory)
     _fsync_dir(directory)

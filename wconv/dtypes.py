@@ -70,6 +70,21 @@ def by_name(name: str) -> DType:
     return ALL[name]
 
 
+# --dtype spellings (CLI and library) -> element type; each writer takes a subset.
+BY_OPTION = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0}
+
+
+def from_option(value, allowed: tuple, where, what: str) -> DType:
+    """The DType named by a --dtype value (or given as a DType), if `what` can store it."""
+    from .errors import UsageError
+
+    dt = value if isinstance(value, DType) else BY_OPTION.get(str(value).lower())
+    if dt is None or dt.name.lower() not in allowed:
+        choices = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+        raise UsageError(where, f"{what} supports --dtype {choices}, not {value}")
+    return dt
+
+
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16) to float32: bf16 is the top half of an f32."""
     return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 # --- Llama family -------------------------------------------------------------
 LLAMA_CANONICAL = (
     "token_embd.weight",
@@ -118,6 +120,23 @@ HF_GPT2_TRANSPOSED = (
 
 LAYOUTS = {"meta": META, "llama2c-ckpt": META, "hf-llama": HF_LLAMA, "nanogpt": NANOGPT,
            "hf-gpt2": HF_GPT2}
+
+
+# HF's Llama conversion reorders each head's q/k rows for its rotate_half rotary: Meta's
+# interleaved pairs (2i, 2i+1) become half-split rows (evens, then odds). k uses n_kv_heads.
+def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Meta's interleaved rotary rows -> HF's half-split rows (per head: evens then odds)."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def hf_unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of hf_permute: HF's half-split rows -> Meta's interleaved rows."""
+    rows = w.shape[0]
+    return np.ascontiguousarray(
+        w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
 
 # Prefixes that wrap a state dict without changing it.
 STRIP_PREFIXES = ("_orig_mod.", "module.")

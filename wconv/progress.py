@@ -1,4 +1,4 @@
-"""Progress reporting: a click progress bar on a terminal, silence otherwise."""
+"""Reporting to the user while working: progress bars (on a terminal only) and warnings."""
 from __future__ import annotations
 
 import contextlib
@@ -21,3 +21,9 @@ def progress(total: int, label: str, *, quiet: bool = False):
     with click.progressbar(length=total, label=label, file=sys.stderr,
                            item_show_func=lambda s: s or "") as bar:
         yield bar
+
+
+def warn(where, message: str) -> None:
+    """One `wconv: warning:` line on stderr, naming the file when there is one."""
+    prefix = f"{where}: " if where else ""
+    print(f"wconv: warning: {prefix}{message}", file=sys.stderr)

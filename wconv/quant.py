@@ -22,8 +22,7 @@ import numpy as np
 from . import dtypes
 from .dtypes import DType
 
-OPTION_TYPES = {"f32": dtypes.F32, "f16": dtypes.F16, "bf16": dtypes.BF16,
-                "q8_0": dtypes.Q8_0, "q4_0": dtypes.Q4_0}
+OPTION_TYPES = dtypes.BY_OPTION
 
 # llama.cpp's llama_ftype for a file whose matrices are mostly of this type.
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,

@@ -88,13 +88,14 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         check_target(tok_out, force=force, inputs=[tokenizer, *input_files(model)])
     save(model, out, to=fmt, force=force, quiet=quiet, **options)
     if tok_out is not None:
-        write_tokenizer_bin(tokenizer, tok_out, force=force)
+        write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)
     return fmt
 
 
-def write_tokenizer_bin(src, out, *, force=False):
+def write_tokenizer_bin(src, out, *, force=False, loaded=None):
+    """tokenizer.bin from tokenizer file `src` (`loaded`: that file already read, not read again)."""
     from ..formats.llama2c_tokenizer import write
 
-    tok = load_tokenizer(src)
+    tok = loaded if loaded is not None else load_tokenizer(src)
     with atomic_path(out, force=force, inputs=[src]) as tmp:
         write(tok, tmp)

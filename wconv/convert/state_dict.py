@@ -473,8 +473,6 @@ def _transpose_conv1d(canon: dict) -> None:
 
 def _unpermute_hf_llama(canon: dict, cfg: Config, problems) -> None:
     """Undo HF's rotary row permutation of q (n_heads) and k (n_kv_heads), lazily."""
-    from ..formats.safetensors_io import hf_unpermute
-
     for name, t in list(canon.items()):
         template, _ = layouts.template_of(name)
         if template in (_Q, _K):
@@ -482,7 +480,7 @@ def _unpermute_hf_llama(canon: dict, cfg: Config, problems) -> None:
             if not heads or t.shape[0] % (2 * heads):
                 problems.notes.append(f"{name}: left in HF rotary order (head count unknown)")
                 continue
-            canon[name] = t.derive(lambda a, h=heads: hf_unpermute(a, h))
+            canon[name] = t.derive(lambda a, h=heads: layouts.hf_unpermute(a, h))
 
 
 def _normalise_names(tensors: dict, path, problems) -> dict:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import sys
 
 import numpy as np
 
@@ -37,7 +36,7 @@ from .. import layouts, quant
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Tokenizer
-from ..progress import progress
+from ..progress import progress, warn
 from ..tensor import LazyTensor
 
 MAGIC_GGML, MAGIC_GGMF, MAGIC_GGJT = 0x67676D6C, 0x67676D66, 0x67676A74
@@ -321,7 +320,7 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
                 del arr
                 bar.update(t.nbytes, t.name)
     for note in notes:
-        print(f"wconv: warning: {where}: {note}", file=sys.stderr)
+        warn(where, note)
     return notes
 
 

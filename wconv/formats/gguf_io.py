@@ -25,7 +25,6 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from .. import layouts, quant
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Tokenizer
-from ..progress import progress
+from ..progress import progress, warn
 from ..tensor import LazyTensor
 
 GGUF_MAGIC = b"GGUF"
@@ -371,10 +370,6 @@ def expected_shape(name: str, cfg: Config, hidden_dim: int, n_ctx: int) -> tuple
     }.get(template, (d,))  # norms and the remaining biases
 
 
-def _warn(path, message):
-    print(f"wconv: warning: {path}: {message}", file=sys.stderr)
-
-
 def check_writable(model: Model, where: str) -> tuple[list, int]:
     """Check tensors and shapes against what llama.cpp's llama/gpt2 loaders accept; (names, hidden_dim)."""
     cfg = model.config
@@ -532,5 +527,5 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     finally:
         w.close()
     for note in notes:
-        _warn(where, note)
+        warn(where, note)
     return notes

@@ -27,7 +27,6 @@ from . import safetensors_io
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # save_pretrained's default, "5GB"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_OUT_DTYPES = {"f32": dtypes.F32, "f16": dtypes.F16, "bf16": dtypes.BF16}
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 # transformers' defaults for configs that do not say (GPT2Config: 50256; LlamaConfig: 1 and 2).
 _DEFAULT_SPECIAL_IDS = {"llama": (1, 2), "gpt2": (50256, 50256)}
@@ -55,12 +54,7 @@ def output_dtype(model, dtype=None) -> dtypes.DType:
     """One element type for every tensor: the requested one, else the source's if it has a
     single f32/f16/bf16 type, else f32 (lossless for mixed and quantised sources)."""
     if dtype is not None:
-        if isinstance(dtype, dtypes.DType):
-            dtype = dtype.name.lower()
-        out = _OUT_DTYPES.get(str(dtype).lower())
-        if out is None:
-            raise UsageError(None, f"Hugging Face output supports --dtype f32, f16 or bf16, not {dtype}")
-        return out
+        return dtypes.from_option(dtype, ("f32", "f16", "bf16"), None, "Hugging Face output")
     kinds = {t.dtype for t in model.tensors.values()}
     if len(kinds) == 1 and next(iter(kinds)).name in _TORCH_DTYPE:
         return next(iter(kinds))

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import sys
 
 import numpy as np
 
@@ -44,7 +43,7 @@ from .. import dtypes
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model
-from ..progress import progress
+from ..progress import progress, warn
 from ..tensor import LazyTensor
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
@@ -330,10 +329,6 @@ def quantize_groups(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndar
 
 # -------------------------------------------------------------------------- write
 
-def _warn(msg: str):
-    print(f"wconv: warning: {msg}", file=sys.stderr)
-
-
 def _check_model(model: Model) -> tuple[dict, bool, int]:
     """Validate that llama2.c can represent `model`; return (shapes, shared, hidden_dim)."""
     c, where = model.config, model.path or None
@@ -365,10 +360,10 @@ def _check_model(model: Model) -> tuple[dict, bool, int]:
             raise UnsupportedError(where, f"tensor {n} has shape {list(model[n].shape)}, "
                                           f"expected {list(shapes[n])}")
     if c.norm_eps and abs(c.norm_eps - RUNC_NORM_EPS) > 1e-12:
-        _warn(f"norm eps is {c.norm_eps:g} but run.c hard-codes 1e-5; llama2.c will run this model "
+        warn(None, f"norm eps is {c.norm_eps:g} but run.c hard-codes 1e-5; llama2.c will run this model "
               "with 1e-5")
     if c.rope_theta and c.rope_theta != RUNC_ROPE_THETA:
-        _warn(f"rope theta is {c.rope_theta:g} but run.c hard-codes 10000; llama2.c will produce "
+        warn(None, f"rope theta is {c.rope_theta:g} but run.c hard-codes 10000; llama2.c will produce "
               "different outputs")
     return shapes, shared, hidden
 
@@ -410,11 +405,11 @@ def write(model: Model, tmp_path, *, quiet: bool = False, version: int = 0, grou
         raise UsageError(model.path or None, f"max_seq_len must be positive, got {max_seq_len}")
     if not seq_len:
         seq_len = DEFAULT_SEQ_LEN
-        _warn(f"the model does not record a context length; writing seq_len {seq_len} "
+        warn(None, f"the model does not record a context length; writing seq_len {seq_len} "
               "(override with --max-seq-len)")
     gs = pick_group_size(c.dim, hidden, group_size, model.path or None) if version == 2 else None
     if version == 2 and group_size is None and gs != DEFAULT_GROUP_SIZE:
-        _warn(f"group size {DEFAULT_GROUP_SIZE} does not divide both dim {c.dim} and hidden_dim {hidden}; "
+        warn(None, f"group size {DEFAULT_GROUP_SIZE} does not divide both dim {c.dim} and hidden_dim {hidden}; "
               f"using {gs}")
     params = (c.dim, hidden, c.n_layers, c.n_heads, n_kv, vocab, seq_len)
     names = tensor_order(version, c.n_layers, shared)

@@ -133,7 +133,6 @@ def _loader(path: str, size: int, data_start: int, name: str, e: dict):
 
 # --- writer ----------------------------------------------------------------------
 
-_OUT_DTYPES = {"f32": dtypes.F32, "f16": dtypes.F16, "bf16": dtypes.BF16}
 
 
 def _out_dtype(t: LazyTensor, requested: DType | None) -> DType:
@@ -156,20 +155,6 @@ def _pieces(t: LazyTensor, out: DType):
         yield dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
 
 
-def hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Meta's interleaved rotary rows -> HF's half-split rows (per head: evens then odds)."""
-    rows = w.shape[0]
-    return np.ascontiguousarray(
-        w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
-
-
-def hf_unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of hf_permute: HF's half-split rows -> Meta's interleaved rows."""
-    rows = w.shape[0]
-    return np.ascontiguousarray(
-        w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
-
-
 def _hf_plan(model) -> list:
     """[(hf name, lazy tensor in HF's orientation)] for names="hf"."""
     cfg = model.config
@@ -186,7 +171,7 @@ def _hf_plan(model) -> list:
             heads = cfg.n_heads if template == "blk.{i}.attn_q.weight" else cfg.n_kv_heads
             if not heads or t.shape[0] % (2 * heads):
                 raise UsageError(model.path or None, f"{name}: cannot permute {t.shape[0]} rows for {heads} heads")
-            t = t.derive(lambda a, h=heads: hf_permute(a, h))
+            t = t.derive(lambda a, h=heads: layouts.hf_permute(a, h))
         elif layout == "hf-gpt2" and template in layouts.HF_GPT2_TRANSPOSED:
             t = t.derive(lambda a: np.ascontiguousarray(a.T), shape=t.shape[::-1])
         plan.append((hf_name, t))
@@ -224,9 +209,7 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
     """Stream `model` to `tmp_path`: header first, then one tensor's bytes at a time."""
     requested = None
     if dtype is not None:
-        requested = dtype if isinstance(dtype, DType) else _OUT_DTYPES.get(str(dtype).lower())
-        if requested is None or requested.name not in ("F32", "F16", "BF16"):
-            raise UsageError(tmp_path, f"safetensors output supports dtype f32, f16 or bf16, not {dtype}")
+        requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), tmp_path, "safetensors output")
     if names == "canonical":
         plan = list(model.tensors.items())
     elif names == "hf":
