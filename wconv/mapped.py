@@ -13,6 +13,7 @@ map a whole large folio (up to 2 MB) into the resident set.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import sys
@@ -78,6 +79,79 @@ def read_bytes(path, offset: int, nbytes: int, *, file_size: int | None = None, 
     if len(data) != nbytes:
         raise FormatError(path, f"file changed while being read ({what} at offset {offset})")
     return data
+
+
+COPY_PIECE = 64 << 20  # bytes per copy_file_range/sendfile call and per fallback read
+
+
+def copy_range(src, offset: int, nbytes: int, dst, *, what: str = "tensor data") -> None:
+    """Append bytes [offset, offset + nbytes) of file `src` (a path) to the open binary file `dst`.
+
+    Same-type tensor data travels this way, kernel to kernel: os.copy_file_range (which a
+    filesystem may turn into a reflink), else os.sendfile, else large buffered reads. The
+    bytes never enter a numpy array, so they cost no private memory. `dst`'s position moves
+    past the copy; anything buffered in `dst` is flushed first.
+    """
+    src = os.fspath(src)
+    dst.flush()
+    out_fd = dst.fileno()
+    try:
+        with open(src, "rb") as f:
+            _check_range(src, f.fileno(), offset, nbytes, None, what)
+            in_fd, done = f.fileno(), 0
+            pos = os.lseek(out_fd, 0, os.SEEK_CUR)
+            for copy in (_copy_file_range, _sendfile):
+                done = copy(in_fd, offset, out_fd, pos, nbytes, done)
+                if done == nbytes:
+                    break
+            if done < nbytes:  # neither kernel path applies here (e.g. another OS)
+                f.seek(offset + done)
+                os.lseek(out_fd, pos + done, os.SEEK_SET)
+                while done < nbytes:
+                    chunk = f.read(min(COPY_PIECE, nbytes - done))
+                    if not chunk:
+                        raise FormatError(src, f"file shrank while copying {what}")
+                    dst.write(chunk)
+                    done += len(chunk)
+                dst.flush()
+            os.lseek(out_fd, pos + nbytes, os.SEEK_SET)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = getattr(dst, "name", None)  # a write error: the output's, for atomic's message
+        raise
+
+
+def _copy_file_range(in_fd, offset, out_fd, pos, nbytes, done) -> int:
+    if not hasattr(os, "copy_file_range"):
+        return done
+    while done < nbytes:
+        try:
+            n = os.copy_file_range(in_fd, out_fd, min(COPY_PIECE, nbytes - done), offset + done, pos + done)
+        except OSError as e:
+            if e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ETXTBSY):
+                return done  # not possible between these files: let the next method continue
+            raise
+        if n == 0:
+            return done
+        done += n
+    return done
+
+
+def _sendfile(in_fd, offset, out_fd, pos, nbytes, done) -> int:
+    if not hasattr(os, "sendfile"):
+        return done
+    os.lseek(out_fd, pos + done, os.SEEK_SET)
+    while done < nbytes:
+        try:
+            n = os.sendfile(out_fd, in_fd, offset + done, min(COPY_PIECE, nbytes - done))
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return done
+            raise
+        if n == 0:
+            return done
+        done += n
+    return done
 
 
 def read_whole(path, *, max_bytes: int, what: str = "file") -> bytes:
