@@ -259,7 +259,7 @@ def tiny_model():
     """A tiny random llama Model (internal representation) for the writers."""
     import numpy as np
 
-    from wconv import layouts
+    from wconv import arch
     from wconv.model import Config, Model
     from wconv.tensor import LazyTensor
 
@@ -267,8 +267,9 @@ def tiny_model():
     rng = np.random.default_rng(0)
     model = Model(config=cfg, source_format="memory", source_layout="canonical")
     meta = _llama_shapes(**TINY)
-    for name in layouts.expected_names("llama", 1, False):
-        shape = meta[layouts.from_canonical(name, "meta")]
+    llama = arch.require("llama")
+    for name in llama.expected_names(cfg):
+        shape = meta[llama.from_canonical(name, "meta")]
         model.add(LazyTensor.from_array(name, rng.standard_normal(shape).astype(np.float32)))
     return model
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelgen
-from wconv import dtypes, layouts, reference
+from wconv import arch, dtypes, reference
 from wconv.convert.save import save
 from wconv.errors import FormatError, UnsupportedError, UsageError, WconvError
 from wconv.formats import gguf_io
@@ -60,7 +60,7 @@ def test_llama_metadata_as_gguf_py_reads_it(tmp_path, tied):
     assert kv["general.file_type"] == 0  # LLAMA_FTYPE_ALL_F32
     assert kv["tokenizer.ggml.model"] == "no_vocab"
     names = [t.name for t in r.tensors]
-    assert names == layouts.expected_names("llama", 2, tied)
+    assert names == arch.require("llama").expected_names(modelgen.llama_config(n_layers=2, tie_embeddings=tied))
     assert ("output.weight" in names) is (not tied)
 
 
@@ -543,8 +543,8 @@ def _generated_model(cfg):
     from wconv.model import Model
 
     m = Model(config=cfg, source_format="memory")
-    for i, name in enumerate(layouts.expected_names(cfg.arch, cfg.n_layers, cfg.tie_embeddings)):
-        shape = gguf_io.expected_shape(name, cfg, cfg.hidden_dim, cfg.max_seq_len)
+    fam = arch.require(cfg.arch)
+    for i, (name, shape) in enumerate(fam.shapes(cfg).items()):
 
         def load(shape=shape, seed=i):
             return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32) / 16

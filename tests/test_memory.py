@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import modelgen
-from wconv import layouts, mapped
+from wconv import arch, mapped
 from wconv.errors import FormatError
 
 MB = 1 << 20
@@ -84,7 +84,8 @@ def model():
 def _state_dict(model, layout: str) -> dict:
     import torch
 
-    return {layouts.from_canonical(n, layout): torch.from_numpy(np.asarray(t.raw())) for n, t in model.tensors.items()}
+    fam = arch.require(model.config.arch)
+    return {fam.from_canonical(n, layout): torch.from_numpy(np.asarray(t.raw())) for n, t in model.tensors.items()}
 
 
 def make_torch_zip(model, d) -> str:
@@ -96,7 +97,7 @@ def make_torch_zip(model, d) -> str:
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(hf_config(model), f)
     path = os.path.join(d, "pytorch_model.bin")
-    torch.save(_state_dict(model, "hf-llama"), path)
+    torch.save(_state_dict(model, "hf"), path)
     return path
 
 

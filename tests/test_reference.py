@@ -151,16 +151,16 @@ def test_gpt2_matches_transformers():
                                      layer_norm_epsilon=cfg.norm_eps, activation_function="gelu_new",
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
-    from wconv import layouts
+    from wconv import arch
 
     state = {}
-    transposed = set(layouts.HF_GPT2_TRANSPOSED)
+    transposed = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}  # HF Conv1D stores [in, out]
+    gpt2 = arch.require("gpt2")
     for name, t in model.tensors.items():
         w = t.float32()
-        template, _ = layouts.template_of(name)
-        if template in transposed:  # HF Conv1D stores [in, out]
+        if name.endswith(".weight") and name.split(".")[-2] in transposed:
             w = w.T
-        state[layouts.from_canonical(name, "hf-gpt2")] = torch.from_numpy(np.ascontiguousarray(w))
+        state[gpt2.from_canonical(name, "hf")] = torch.from_numpy(np.ascontiguousarray(w))
     state["lm_head.weight"] = state["transformer.wte.weight"]
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected, unexpected

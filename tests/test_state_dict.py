@@ -83,7 +83,7 @@ def test_meta_hparams_from_params_and_shapes():
     assert c.vocab_size == 40  # params said -1
     assert c.hidden_dim == 48  # from w1
     assert c.norm_eps == 1e-6 and c.rope_theta == 500000.0 and not c.tie_embeddings
-    assert c.max_seq_len == sd.DEFAULT_META_MAX_SEQ_LEN
+    assert c.max_seq_len == 2048  # Meta's ModelArgs default
     assert any("max_seq_len" in n for n in m.metadata["notes"])
     assert m.metadata["params"]["ffn_dim_multiplier"] == 1.3
     assert m.source_layout == "meta" and m.metadata["_input_files"] == ["test.pth"]
@@ -248,7 +248,7 @@ def test_hf_llama_unpermute_recovers_meta_weights(n_heads, n_kv_heads):
 
 def test_hf_k_permutation_really_depends_on_n_kv_heads():
     # Guard against a test that cannot fail: un-permuting k with n_heads gives other rows.
-    from wconv.layouts import hf_unpermute
+    from wconv.arch.decoder import hf_unpermute
 
     state = meta_state(n_heads=4, n_kv_heads=2, seed=3)
     hf = _hf_from_meta(state, 4, 2)
@@ -264,7 +264,7 @@ def test_hf_llama_tie_and_missing_lm_head():
     assert m.config.tie_embeddings and "output.weight" not in m.tensors
     with pytest.raises(FormatError, match="lm_head.weight is missing"):
         build(hf, hf_config=_hf_config(4, 2, tie=False))
-    with pytest.raises(UnsupportedError, match="head_dim"):
+    with pytest.raises(FormatError, match="head_dim 16 x 4 heads does not match"):
         build(_hf_from_meta(state, 4, 2), hf_config=_hf_config(4, 2, head_dim=16))
 
 

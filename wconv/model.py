@@ -1,7 +1,7 @@
 """The internal representation every reader produces and every writer consumes.
 
 Tensor names are canonical and follow GGUF's naming (gguf-py constants):
-`token_embd.weight`, `blk.{i}.attn_q.weight`, ... (see wconv/layouts.py).
+`token_embd.weight`, `blk.{i}.attn_q.weight`, ... (names per source layout: wconv/arch/).
 Shapes are row-major [out, in] like torch's nn.Linear. Llama q/k weights are in
 Meta's interleaved rotary order (what llama2.c and llama.cpp both expect); readers
 of HF checkpoints undo HF's permutation. A tied classifier is represented by
@@ -14,12 +14,11 @@ from typing import Iterator
 
 from .tensor import LazyTensor
 
-ARCHES = ("llama", "gpt2")
-
-
 @dataclass
 class Config:
-    arch: str = "llama"  # "llama" | "gpt2"
+    """Hyperparameters, in the same terms for every family (wconv/arch/ says which apply)."""
+
+    arch: str = "llama"  # a family name from wconv.arch (or "unknown" for inspect)
     dim: int = 0  # embedding width (n_embd)
     n_layers: int = 0
     n_heads: int = 0
@@ -28,13 +27,20 @@ class Config:
     hidden_dim: int = 0  # feed-forward width
     max_seq_len: int = 0  # context length
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # llama only
+    rope_theta: float = 10000.0  # rotary families only
     tie_embeddings: bool = False
     bias: bool = False  # gpt2: linear layers and norms have biases
     gelu: str = "tanh"  # gpt2: "tanh" (GPT-2, HF gelu_new, llama.cpp) or "erf" (nanoGPT's nn.GELU())
+    head_width: int = 0  # per-head width when it is not dim / n_heads (Gemma, some Mistral/Llama 3)
+    # RoPE frequency scaling: None, {"type": "linear", "factor": f}, or {"type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    sliding_window: int = 0  # Mistral: attention window of transformers (llama.cpp attends to all)
 
     @property
     def head_dim(self) -> int:
+        if self.head_width:
+            return self.head_width
         return self.dim // self.n_heads if self.n_heads else 0
 
     def to_dict(self) -> dict:

@@ -97,7 +97,7 @@ def _load_file(path, fmt, allow_unknown_globals, strict) -> Model:
     if fmt == "gguf":
         from ..formats.gguf_io import read
 
-        return read(path)
+        return read(path, strict=strict)
     if fmt == "ggml":
         from ..formats.ggml_legacy import read
 

@@ -57,9 +57,7 @@ def _read_torch(path, allow_unknown_globals):
 
 
 def _stripped(names):
-    from .. import layouts
-
-    return {layouts.strip_prefixes(n) for n in names}
+    return {sd.strip_prefixes(n) for n in names}
 
 
 def _looks_meta(names) -> bool:

@@ -32,7 +32,7 @@ import struct
 
 import numpy as np
 
-from .. import layouts, quant
+from .. import arch, quant
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Tokenizer
@@ -50,6 +50,7 @@ MAX_TOKEN_LEN = 1 << 16
 _CURRENT_FROM = {"F32": 0, "F16": 0, "Q5_0": 2, "Q5_1": 2, "Q4_0": 3, "Q4_1": 3, "Q8_0": 3,
                  "Q2_K": 3, "Q3_K": 3, "Q4_K": 3, "Q5_K": 3, "Q6_K": 3}
 GGJT_TYPES = tuple(_CURRENT_FROM)  # what ggjt v3 (and so write_ggjt) can hold
+_LLAMA = arch.require("llama")  # ggml-era files hold Llama models under Meta's tensor names
 UNK_TEXT = " \u2047 ".encode()  # how old convert.py stored <unk>
 SPM_SPACE = "\u2581".encode()
 
@@ -200,7 +201,7 @@ def _read(path: str, r: _Reader) -> Model:
         nbytes = dt.nbytes(n_el)
         if r.pos + nbytes > r.end:
             raise FormatError(path, f"truncated GGML file: tensor {name} needs {nbytes} bytes at offset {r.pos}")
-        canon = layouts.to_canonical(name, "meta") or name
+        canon = _LLAMA.to_canonical(name, "meta") or name
         if canon in tensors:
             raise FormatError(path, f"duplicate tensor {name}")
         shape = tuple(reversed(dims))
@@ -212,11 +213,11 @@ def _read(path: str, r: _Reader) -> Model:
     if tensors:
         # Tensors run to the end of the file with no count: a file cut at a tensor boundary
         # would otherwise read as a smaller model. (Vocab-only files have no tensors at all.)
-        missing = [n for n in layouts.expected_names("llama", n_layer, False) if n not in tensors]
+        missing = [n for n in _LLAMA.expected_names(Config(n_layers=n_layer)) if n not in tensors]
         if missing:
             raise FormatError(path, f"truncated or incomplete GGML file: {len(missing)} of the tensors of a "
                                     f"{n_layer}-layer llama model are missing, e.g. "
-                                    f"{layouts.from_canonical(missing[0], 'meta')}")
+                                    f"{_LLAMA.from_canonical(missing[0], 'meta')}")
 
     tokenizer = None
     if any(texts):
@@ -271,12 +272,17 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
 
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
-    if cfg.arch != "llama":
+    fam = arch.get(cfg.arch)
+    if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
     if dtype == "bf16":
         raise UsageError(where, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
-    names, hidden = check_writable(model, where)
-    notes = []
+    if cfg.rope_scaling or cfg.head_width:
+        raise UnsupportedError(where, "ggjt cannot record " + ("RoPE scaling" if cfg.rope_scaling else
+                                                              f"a head width ({cfg.head_dim}) other than dim / n_heads"))
+    names, _ = check_writable(model, where)
+    hidden = cfg.hidden_dim
+    notes = cannot_hold(cfg) + fam.gguf_cannot_hold(cfg)
     tensors = [model.tensors[n] for n in names]
     if "output.weight" not in model.tensors:
         # ggjt-era llama.cpp always loaded output.weight: store the embedding a second time.
@@ -308,7 +314,7 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
         with progress(sum(t.nbytes for t in tensors), "writing ggjt", quiet=quiet) as bar:
             for t in tensors:
                 dt = plan.types[t.name]
-                name = layouts.from_canonical(t.name, "meta").encode()
+                name = _LLAMA.from_canonical(t.name, "meta").encode()
                 dims = tuple(reversed(t.shape))
                 f.write(struct.pack(f"<3I{len(dims)}I", len(dims), len(name), int(quant.ggml_type(dt)), *dims))
                 f.write(name)
@@ -322,6 +328,19 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
     for note in notes:
         warn(where, note)
     return notes
+
+
+def cannot_hold(cfg: Config) -> list:
+    """What a ggjt reader will assume instead of this model's values (the format has no field for them)."""
+    out = []
+    if abs(cfg.norm_eps - NORM_EPS_ASSUMED) > 1e-12:
+        out.append(f"ggjt has no norm epsilon: readers assume {NORM_EPS_ASSUMED:g} (llama.cpp's converter), "
+                   f"this model uses {cfg.norm_eps:g}")
+    if cfg.max_seq_len != N_CTX_ASSUMED:
+        out.append(f"ggjt has no context length: readers assume {N_CTX_ASSUMED}, this model has {cfg.max_seq_len}")
+    if cfg.rope_theta != 10000.0:
+        out.append(f"ggjt has no RoPE base: readers assume 10000, this model uses {cfg.rope_theta:g}")
+    return out
 
 
 def _ggml_vocab(model: Model, n_vocab: int, where: str, notes: list) -> list:

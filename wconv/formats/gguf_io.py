@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import layouts, quant
+from .. import arch, quant
+from ..arch.family import Problems
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Tokenizer
@@ -285,36 +286,32 @@ def _tokenizer(kv: dict, path: str) -> Tokenizer | None:
         source=path)
 
 
-def _config(kv: dict, arch: str, tensors: dict, tokenizer, path: str) -> Config:
-    def get(key, default=0):
-        v = kv.get(f"{arch}.{key}", default)
-        if isinstance(v, list):  # per-layer values (some architectures): report the first
-            v = v[0] if v else default
-        return default if isinstance(v, bytes) else v
-
-    def count(key):
-        v = get(key)
-        if isinstance(v, float) and not v.is_integer():  # NaN, inf, 2.5: int() would crash or truncate
-            raise FormatError(path, f"metadata {arch}.{key} is {v!r}, expected a whole number")
-        return int(v)
-
-    emb = tensors.get("token_embd.weight")
-    vocab = count("vocab_size") or (len(tokenizer.tokens) if tokenizer else 0) or (emb.shape[0] if emb else 0)
-    n_heads = count("attention.head_count")
-    eps = get("attention.layer_norm_rms_epsilon") or get("attention.layer_norm_epsilon") or 1e-5
-    return Config(
-        arch=arch if arch in ("llama", "gpt2") else "unknown",
-        dim=count("embedding_length"), n_layers=count("block_count"), n_heads=n_heads,
-        n_kv_heads=count("attention.head_count_kv") or n_heads, vocab_size=int(vocab),
-        hidden_dim=count("feed_forward_length"), max_seq_len=count("context_length"),
-        norm_eps=_f32(eps), rope_theta=_f32(get("rope.freq_base") or 10000.0),
-        tie_embeddings=bool(tensors) and "output.weight" not in tensors,
-        bias=arch == "gpt2",
-    )
+def _config(kv: dict, arch_name: str, tensors: dict, path: str, strict: bool):
+    """(Config, problems) from the GGUF metadata of a family wconv implements, through wconv.arch."""
+    problems = Problems(path, strict)
+    fam = arch.by_gguf(arch_name)
+    if fam is None:
+        problems.tensor_problem(UnsupportedError, f"GGUF architecture {arch_name!r} is not supported; wconv "
+                                                  f"converts {', '.join(sorted({f.gguf_arch for f in arch.FAMILIES.values()}))}")
+        return None, problems
+    prefix = arch_name + "."
+    odd = sorted(k[len(prefix):] for k in kv if k.startswith(prefix) and k[len(prefix):] not in fam.gguf_keys)
+    if odd:
+        problems.tensor_problem(UnsupportedError, f"GGUF metadata {', '.join(prefix + k for k in odd[:4])} changes "
+                                                  f"the {fam.title} model in ways wconv does not implement")
+        return None, problems
+    cfg = fam.gguf_config(kv, tensors, problems)
+    if tensors:
+        fam.gguf_absorb(cfg, tensors, problems)
+    return cfg, problems
 
 
-def read(path) -> Model:
-    """Open a GGUF file lazily: config and tokenizer from metadata, tensors as mmap views."""
+def read(path, *, strict: bool = True) -> Model:
+    """Open a GGUF file lazily: config and tokenizer from metadata, tensors as mmap views.
+
+    strict=False (inspect) shows files of architectures or settings wconv does not implement
+    as arch "unknown" with the reason in metadata["warnings"], instead of refusing them.
+    """
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -329,8 +326,8 @@ def read(path) -> Model:
     # The header values are copies: this map of the whole file is not needed past here.
     view.release()
     mm.close()
-    arch = _text(h.kv.get("general.architecture", b""))
-    if not isinstance(arch, str):
+    arch_name = _text(h.kv.get("general.architecture", b""))
+    if not isinstance(arch_name, str):
         raise FormatError(path, "general.architecture is not a string")
     tokenizer = _tokenizer(h.kv, path)
 
@@ -349,39 +346,31 @@ def read(path) -> Model:
     metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"
     if not tensors:
         metadata["vocab_only"] = True
-    cfg = _config(h.kv, arch, tensors, tokenizer, path)
+    cfg, problems = _config(h.kv, arch_name, tensors, path, strict and bool(tensors))
+    if cfg is None or problems.layout:
+        cfg = Config(arch="unknown", norm_eps=0.0, rope_theta=0.0)
+    if problems.layout or problems.other:
+        metadata["warnings"] = problems.layout + problems.other
+    if problems.notes:
+        metadata["notes"] = problems.notes
     return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
                  source_format=f"gguf-v{h.version}", source_layout="gguf", path=path)
 
 
 # ----------------------------------------------------------------------------- writing
-def expected_shape(name: str, cfg: Config, hidden_dim: int, n_ctx: int) -> tuple:
-    """Shape (numpy order, [out, in]) llama.cpp expects for canonical tensor `name`."""
-    template, _ = layouts.template_of(name)
-    d, v, f = cfg.dim, cfg.vocab_size, hidden_dim
-    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * cfg.head_dim
-    return {
-        "token_embd.weight": (v, d), "output.weight": (v, d), "position_embd.weight": (n_ctx, d),
-        "blk.{i}.attn_q.weight": (d, d), "blk.{i}.attn_k.weight": (kv_dim, d),
-        "blk.{i}.attn_v.weight": (kv_dim, d), "blk.{i}.attn_output.weight": (d, d),
-        "blk.{i}.attn_qkv.weight": (d + 2 * kv_dim, d), "blk.{i}.attn_qkv.bias": (d + 2 * kv_dim,),
-        "blk.{i}.ffn_gate.weight": (f, d), "blk.{i}.ffn_up.weight": (f, d), "blk.{i}.ffn_up.bias": (f,),
-        "blk.{i}.ffn_down.weight": (d, f),
-    }.get(template, (d,))  # norms and the remaining biases
-
-
 def check_writable(model: Model, where: str) -> tuple[list, int]:
-    """Check tensors and shapes against what llama.cpp's llama/gpt2 loaders accept; (names, hidden_dim)."""
+    """Check tensors and shapes against what llama.cpp's loader for the family accepts; (names, n_ctx)."""
     cfg = model.config
-    if cfg.arch not in ("llama", "gpt2"):
-        raise UnsupportedError(where, f"cannot write architecture {cfg.arch!r} (wconv writes llama and gpt2)")
+    fam = arch.get(cfg.arch)
+    if fam is None:
+        raise UnsupportedError(where, f"cannot write architecture {cfg.arch!r} (wconv writes "
+                                      f"{', '.join(arch.FAMILIES)})")
     if not model.tensors:
         raise UnsupportedError(where, "the model has no tensors (a vocab-only file?); nothing to convert")
-    if not (cfg.dim and cfg.n_heads and cfg.n_layers) or cfg.dim % cfg.n_heads:
+    if not (cfg.dim and cfg.n_heads and cfg.n_layers):
         raise UsageError(where, f"incomplete hyperparameters: dim={cfg.dim} n_heads={cfg.n_heads} "
                                 f"n_layers={cfg.n_layers}")
-    tied = "output.weight" not in model.tensors
-    names = layouts.expected_names(cfg.arch, cfg.n_layers, tied)
+    names = fam.expected_names(cfg)
     missing = [n for n in names if n not in model.tensors]
     if missing:
         raise UsageError(where, f"model lacks {len(missing)} tensor(s) the {cfg.arch} format needs, "
@@ -390,33 +379,27 @@ def check_writable(model: Model, where: str) -> tuple[list, int]:
     if extra:
         raise UnsupportedError(where, f"tensor(s) {', '.join(extra[:3])} are not part of the {cfg.arch} "
                                       "architecture wconv writes; refusing to drop them silently")
-    up = model.tensors["blk.0.ffn_up.weight"]
-    hidden = cfg.hidden_dim or up.shape[0]
-    n_ctx = model.tensors["position_embd.weight"].shape[0] if cfg.arch == "gpt2" else cfg.max_seq_len
     for n in names:
-        want = expected_shape(n, cfg, hidden, n_ctx)
+        want = fam.shape(n, cfg)
         got = model.tensors[n].shape
-        if got != want:
+        if got != tuple(want):
             raise UsageError(where, f"tensor {n} has shape {list(got)}, but the hyperparameters "
                                     f"(dim {cfg.dim}, heads {cfg.n_heads}/{cfg.n_kv_heads}, vocab "
-                                    f"{cfg.vocab_size}, hidden {hidden}) require {list(want)}")
-    return names, hidden
+                                    f"{cfg.vocab_size}, hidden {cfg.hidden_dim}) require {list(want)}")
+    return names, fam
 
 
-def _add_hparams(w, cfg: Config, hidden: int, n_ctx: int, n_vocab: int):
-    w.add_context_length(n_ctx)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(hidden)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads or cfg.n_heads)
-    w.add_vocab_size(n_vocab)
-    if cfg.arch == "llama":
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(float(cfg.rope_theta))
-        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
-    else:
-        w.add_layer_norm_eps(float(cfg.norm_eps))
+def _add_hparams(w, fam, cfg: Config, n_ctx: int, n_vocab: int):
+    for key, value, kind in fam.gguf_metadata(cfg, n_ctx, n_vocab):
+        full = f"{fam.gguf_arch}.{key}"
+        if kind == "UINT32":
+            w.add_uint32(full, int(value))
+        elif kind == "FLOAT32":
+            w.add_float32(full, float(value))
+        elif kind == "STRING":
+            w.add_string(full, str(value))
+        else:
+            raise ValueError(f"GGUF value type {kind} for {full}")
 
 
 def _add_vocab(w, model: Model, n_vocab: int, where: str, notes: list):
@@ -481,7 +464,7 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
 
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
-    names, hidden = check_writable(model, where)
+    names, fam = check_writable(model, where)
     if max_seq_len is not None and max_seq_len <= 0:  # not "unset": 0 would silently mean the default
         raise UsageError(where, f"max_seq_len must be positive, got {max_seq_len}")
     n_ctx = int(max_seq_len or cfg.max_seq_len or 0)
@@ -494,30 +477,33 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     if n_ctx <= 0:
         raise UsageError(where, "the model does not say its context length; pass --max-seq-len")
     n_vocab = model.tensors["token_embd.weight"].shape[0]
+    extra = fam.gguf_extra_tensors(cfg)  # e.g. llama3 RoPE factors, which llama.cpp reads as a tensor
+    tensors = {**extra, **{n: model.tensors[n] for n in names}}
+    names = list(tensors)
     try:
-        plan = quant.plan_types([model.tensors[n] for n in names], dtype,
+        plan = quant.plan_types([tensors[n] for n in names], dtype,
                                 can_hold=lambda dt: quant.has_ggml_type(dt))
     except ValueError as e:
         raise UsageError(where, str(e)) from None
-    notes = list(plan.notes)
+    notes = list(plan.notes) + fam.gguf_cannot_hold(cfg)
 
-    w = GGUFWriter(None, cfg.arch)
+    w = GGUFWriter(None, fam.gguf_arch)
     w.add_name(_model_name(model))
     keep_type = dtype is None and isinstance(model.metadata.get("general.file_type"), int)
     w.add_file_type(model.metadata["general.file_type"] if keep_type else plan.file_type())
     w.add_quantization_version(2)  # GGML_QNT_VERSION: current Q4_0/Q8_0 block layouts
-    _add_hparams(w, cfg, hidden, n_ctx, n_vocab)
+    _add_hparams(w, fam, cfg, n_ctx, n_vocab)
     _add_vocab(w, model, n_vocab, where, notes)
     for n in names:
-        t, dt = model.tensors[n], plan.types[n]
+        t, dt = tensors[n], plan.types[n]
         w.add_tensor_info(n, t.shape, np.dtype(np.float32), dt.nbytes(t.n_elements), raw_dtype=quant.ggml_type(dt))
     w.write_header_to_file(Path(tmp_path))
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     try:
-        with progress(sum(model.tensors[n].nbytes for n in names), "writing GGUF", quiet=quiet) as bar:
+        with progress(sum(tensors[n].nbytes for n in names), "writing GGUF", quiet=quiet) as bar:
             for n in names:
-                t, dt = model.tensors[n], plan.types[n]
+                t, dt = tensors[n], plan.types[n]
                 arr = quant.encode(t, dt)
                 if quant.overflowed(t, dt, arr):
                     notes.append(f"{n}: values beyond the F16 range became infinities")

@@ -11,6 +11,7 @@ wconv's directory reader (wconv.convert.sources.load_directory) reads all of it 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,8 +19,8 @@ import shutil
 
 import numpy as np
 
-from .. import dtypes, layouts
-from ..errors import UsageError
+from .. import arch, dtypes
+from ..errors import UnsupportedError, UsageError
 from ..model import Model
 from ..tensor import LazyTensor
 from . import safetensors_io
@@ -28,8 +29,6 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # save_pretrained's default, "5GB"
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-# transformers' defaults for configs that do not say (GPT2Config: 50256; LlamaConfig: 1 and 2).
-_DEFAULT_SPECIAL_IDS = {"llama": (1, 2), "gpt2": (50256, 50256)}
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -70,23 +69,26 @@ def check_options(model, out, *, dtype=None, max_shard_size=None, max_seq_len=No
     except UsageError as e:
         raise UsageError(out, e.message) from None
     c = model.config
-    if c.arch not in ("llama", "gpt2"):
+    fam = arch.get(c.arch)
+    if fam is None or "hf" not in fam.names:
         raise UsageError(out, f"no Hugging Face model class for architecture {c.arch!r}")
-    if c.arch == "llama":
-        if c.bias:
-            raise UsageError(out, "LlamaForCausalLM has no biases; this model has some")
+    try:
+        fam.hf_config(c)  # refuses what config.json cannot express (e.g. a table of RoPE factors)
+    except UnsupportedError as e:
+        raise UsageError(out, e.message) from None
+    if getattr(fam, "hf_permuted", False):
         for name, heads in (("blk.0.attn_q.weight", c.n_heads), ("blk.0.attn_k.weight", c.n_kv_heads)):
             t = model.get(name)
             if not heads or (t is not None and t.shape[0] % (2 * heads)):
                 raise UsageError(out, f"{name}: cannot permute its rows for {heads} heads")
-    elif max_seq_len and max_seq_len != c.max_seq_len:
+    if c.arch == "gpt2" and max_seq_len and max_seq_len != c.max_seq_len:
         raise UsageError(out, f"GPT-2's context is its {c.max_seq_len} position embeddings; "
                               f"cannot write --max-seq-len {max_seq_len}")
 
 
 def _special_ids(model) -> tuple:
     tok, c = model.tokenizer, model.config
-    ids = (tok.bos_id, tok.eos_id) if tok is not None else _DEFAULT_SPECIAL_IDS[c.arch]
+    ids = (tok.bos_id, tok.eos_id) if tok is not None else arch.require(c.arch).hf_special_ids
     return tuple(i if isinstance(i, int) and 0 <= i < c.vocab_size else None for i in ids)
 
 
@@ -96,10 +98,8 @@ def hf_config(model, out_dtype: dtypes.DType, *, max_seq_len=None) -> dict:
     config = safetensors_io.hf_config(model)
     config["torch_dtype"] = _TORCH_DTYPE[out_dtype.name]
     config["bos_token_id"], config["eos_token_id"] = _special_ids(model)
-    if c.arch == "llama":
-        config["head_dim"] = c.dim // c.n_heads
-        if max_seq_len:
-            config["max_position_embeddings"] = int(max_seq_len)
+    if c.arch != "gpt2" and max_seq_len:
+        config["max_position_embeddings"] = int(max_seq_len)
     return config
 
 
@@ -111,7 +111,8 @@ def _hf_tensors(model) -> dict:
         tensors[name] = t.derive(lambda a: a, dtype=dtypes.F32, float_input=True) if t.dtype.quantized else t
     c = model.config
     if c.arch == "gpt2" and not c.bias:
-        for name in layouts.expected_names("gpt2", c.n_layers, c.tie_embeddings):
+        with_bias = dataclasses.replace(c, bias=True)
+        for name in arch.require("gpt2").expected_names(with_bias):
             if name.endswith(".bias") and name not in tensors:
                 rows = c.hidden_dim if "ffn_up" in name else c.dim * (3 if "attn_qkv" in name else 1)
                 tensors[name] = LazyTensor(name, dtypes.F32, (rows,), lambda n=rows: np.zeros(n, np.float32),
@@ -151,7 +152,7 @@ def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=Non
     check_options(model, tmp_dir, dtype=dtype, max_shard_size=max_shard_size, max_seq_len=max_seq_len)
     out_dtype = output_dtype(model, dtype)
     limit = DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else parse_size(max_shard_size)
-    layout = "hf-llama" if model.config.arch == "llama" else "hf-gpt2"
+    fam = arch.require(model.config.arch)
     tensors = _hf_tensors(model)
     sizes = [(name, out_dtype.nbytes(t.n_elements)) for name, t in tensors.items()]
     shards = plan_shards(sizes, limit)
@@ -167,7 +168,7 @@ def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=Non
         for i, names in enumerate(shards, 1):
             filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             write_shard(names, filename)
-            weight_map.update((layouts.from_canonical(n, layout), filename) for n in names)
+            weight_map.update((fam.from_canonical(n, "hf"), filename) for n in names)
         index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
         _write_json(os.path.join(tmp_dir, INDEX_FILE), index)
     _write_json(os.path.join(tmp_dir, "config.json"), hf_config(model, out_dtype, max_seq_len=max_seq_len))

@@ -39,7 +39,7 @@ import struct
 
 import numpy as np
 
-from .. import dtypes
+from .. import arch, dtypes
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model
@@ -332,8 +332,13 @@ def quantize_groups(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndar
 def _check_model(model: Model) -> tuple[dict, bool, int]:
     """Validate that llama2.c can represent `model`; return (shapes, shared, hidden_dim)."""
     c, where = model.config, model.path or None
-    if c.arch != "llama":
+    fam = arch.get(c.arch)
+    if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"llama2.c .bin holds Llama models only, not {c.arch!r}")
+    if c.rope_scaling or c.head_width:
+        raise UnsupportedError(where, "llama2.c's run.c cannot apply " + (
+            f"{c.rope_scaling['type']} RoPE scaling" if c.rope_scaling else
+            f"a head width ({c.head_dim}) other than dim / n_heads"))
     biases = [n for n in model.tensors if n.endswith(".bias")]
     if c.bias or biases:
         raise UnsupportedError(where, "llama2.c .bin cannot store biases" +

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from .. import dtypes, layouts
+from .. import arch, dtypes
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -158,23 +158,15 @@ def _pieces(t: LazyTensor, out: DType):
 def _hf_plan(model) -> list:
     """[(hf name, lazy tensor in HF's orientation)] for names="hf"."""
     cfg = model.config
-    layout = {"llama": "hf-llama", "gpt2": "hf-gpt2"}.get(cfg.arch)
-    if layout is None:
+    fam = arch.get(cfg.arch)
+    if fam is None or "hf" not in fam.names:
         raise UsageError(model.path or None, f"no Hugging Face names for architecture {cfg.arch!r}")
     plan = []
     for name, t in model.tensors.items():
-        hf_name = layouts.from_canonical(name, layout)
+        hf_name = fam.from_canonical(name, "hf")
         if hf_name is None:
-            raise UsageError(model.path or None, f"tensor {name} has no Hugging Face {layout} name")
-        template, _ = layouts.template_of(name)
-        if layout == "hf-llama" and template in ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight"):
-            heads = cfg.n_heads if template == "blk.{i}.attn_q.weight" else cfg.n_kv_heads
-            if not heads or t.shape[0] % (2 * heads):
-                raise UsageError(model.path or None, f"{name}: cannot permute {t.shape[0]} rows for {heads} heads")
-            t = t.derive(lambda a, h=heads: layouts.hf_permute(a, h))
-        elif layout == "hf-gpt2" and template in layouts.HF_GPT2_TRANSPOSED:
-            t = t.derive(lambda a: np.ascontiguousarray(a.T), shape=t.shape[::-1])
-        plan.append((hf_name, t))
+            raise UsageError(model.path or None, f"tensor {name} has no Hugging Face {fam.title} name")
+        plan.append((hf_name, fam.to_layout(name, t, cfg, "hf")))
     return plan
 
 
@@ -188,21 +180,13 @@ def config_metadata(model) -> dict:
 
 def hf_config(model) -> dict:
     """A config.json for the HF-named file `write(..., names="hf")` produces."""
-    c = model.config
-    if c.arch == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.dim,
-                "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
-                "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-                "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq_len,
-                "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "hidden_act": "silu",
-                "tie_word_embeddings": c.tie_embeddings, "attention_bias": False, "mlp_bias": False}
-    if c.arch == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": c.dim,
-                "n_layer": c.n_layers, "n_head": c.n_heads, "n_positions": c.max_seq_len,
-                "n_inner": c.hidden_dim, "vocab_size": c.vocab_size, "layer_norm_epsilon": c.norm_eps,
-                "activation_function": "gelu" if c.gelu == "erf" else "gelu_new",  # HF: gelu = erf form
-                "tie_word_embeddings": c.tie_embeddings}
-    raise UsageError(model.path or None, f"no Hugging Face config for architecture {c.arch!r}")
+    fam = arch.get(model.config.arch)
+    if fam is None:
+        raise UsageError(model.path or None, f"no Hugging Face config for architecture {model.config.arch!r}")
+    try:
+        return fam.hf_config(model.config)
+    except UnsupportedError as e:
+        raise UnsupportedError(model.path or None, e.message) from None
 
 
 def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical") -> None:
