@@ -349,39 +349,86 @@ def _snapshot(directory) -> dict:
 
 def test_existing_output_needs_force_and_survives_failure(tmp_path):
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    convert(fixture_path("meta-tiny"), out, to="hf", quiet=True)
+    old = _snapshot(out)
     with pytest.raises(OutputError, match="pass --force"):
         convert(fixture_path("meta-tiny"), out, to="hf", quiet=True)
     model, _ = failing_model(str(tmp_path), fail_after=5)
     with pytest.raises(FormatError):
         save(model, out, to="hf", force=True, quiet=True)
-    assert _snapshot(out) == {"keep.txt": b"old"} and leftovers(tmp_path) == []
+    assert _snapshot(out) == old and leftovers(tmp_path) == []
 
 
 def test_force_replaces_only_on_success(tmp_path):
     out = tmp_path / "hf"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    convert(fixture_path("meta-tiny"), out, to="hf", quiet=True)
     convert(fixture_path("llama2c-ckpt.pt"), out, to="hf", force=True, quiet=True)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # the old directory, set aside, is gone too
     assert_same_tensors(wconv.load(out), wconv.load(fixture_path("llama2c-ckpt.pt")))
 
 
+def test_force_never_deletes_what_wconv_did_not_write(tmp_path):
+    # A project directory (a git checkout with a README) is not a previous wconv output.
+    out = tmp_path / "project"
+    (out / ".git" / "objects").mkdir(parents=True)
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "README.md").write_text("mine")
+    before = _snapshot(out)
+    with pytest.raises(OutputError, match=r"refusing to replace it with --force: it holds \.git, README\.md"):
+        convert(fixture_path("meta-tiny"), out, to="hf", force=True, quiet=True)
+    assert _snapshot(out) == before and os.path.isdir(out / ".git" / "objects")
+    # A transformers save_pretrained directory (no wconv metadata in its safetensors) is not ours either.
+    hf = tmp_path / "hf-original"
+    shutil.copytree(fixture_path("hf-llama-tiny"), hf)
+    with pytest.raises(OutputError, match="was not written by wconv"):
+        convert(fixture_path("meta-tiny"), hf, to="hf", force=True, quiet=True)
+    # A wconv output the user added a file to: refused, naming the file.
+    ours = tmp_path / "ours"
+    convert(fixture_path("meta-tiny"), ours, to="hf", quiet=True)
+    (ours / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="notes.txt"):
+        convert(fixture_path("meta-tiny"), ours, to="hf", force=True, quiet=True)
+    # An empty directory holds nothing to lose.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert(fixture_path("meta-tiny"), empty, to="hf", force=True, quiet=True)
+    assert (empty / "config.json").exists()
+
+
+def test_force_over_a_file_of_another_kind_is_refused(tmp_path):
+    notes = tmp_path / "notes.gguf"
+    notes.write_text("my notes, not a model")
+    for fmt in ("gguf", "safetensors", "llama2c", "ggjt"):
+        with pytest.raises(OutputError, match=f"it is not a {fmt} file"):
+            convert(fixture_path("meta-tiny"), notes, to=fmt, force=True, quiet=True)
+    assert notes.read_text() == "my notes, not a model"
+    out = tmp_path / "model.gguf"
+    convert(fixture_path("meta-tiny"), out, quiet=True)
+    convert(fixture_path("meta-tiny-f16"), out, force=True, quiet=True)  # a GGUF over a GGUF: fine
+
+
 def test_trailing_slash_and_force_over_a_symlink(tmp_path):
     convert(fixture_path("llama2c-ckpt.pt"), str(tmp_path / "hf") + os.sep, to="hf", quiet=True)
     assert sorted(os.listdir(tmp_path)) == ["hf"]
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (elsewhere / "keep.txt").write_text("old")
+    convert(fixture_path("meta-tiny"), elsewhere, to="hf", quiet=True)
+    old = _snapshot(elsewhere)
     link = tmp_path / "link"
     link.symlink_to(elsewhere, target_is_directory=True)
     convert(fixture_path("llama2c-ckpt.pt"), link, to="hf", force=True, quiet=True)
     # The link itself is replaced by the new directory; what it pointed to is not deleted.
     assert not link.is_symlink() and (link / "config.json").exists()
-    assert _snapshot(elsewhere) == {"keep.txt": b"old"}
+    assert _snapshot(elsewhere) == old
     assert sorted(os.listdir(tmp_path)) == ["elsewhere", "hf", "link"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("old")
+    link2 = tmp_path / "link2"
+    link2.symlink_to(foreign, target_is_directory=True)
+    with pytest.raises(OutputError, match="keep.txt"):
+        convert(fixture_path("llama2c-ckpt.pt"), link2, to="hf", force=True, quiet=True)
+    assert link2.is_symlink() and _snapshot(foreign) == {"keep.txt": b"old"}
 
 
 def test_new_directory_gets_the_usual_mode(tmp_path):
@@ -479,17 +526,17 @@ def _start_and_freeze(src, out, *extra):
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "force-over-old"])
 def test_sigterm_midway_leaves_nothing_and_keeps_the_old_output(existing, big_input, tmp_path):
     out = tmp_path / "hf"
-    if existing:
-        out.mkdir()
-        (out / "keep.txt").write_text("old")
+    if existing:  # a previous wconv output, which --force may replace
+        convert(fixture_path("llama2c-ckpt.pt"), out, to="hf", quiet=True)
+        old = _snapshot(out)
     proc, tmp = _start_and_freeze(big_input, out, *(["--force"] if existing else []))
     assert existing == out.exists()  # nothing at the target until the end
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "wconv: interrupted; no output written"
+    assert proc.returncode == 143 and stderr.strip().splitlines()[-1] == "wconv: interrupted; no output written"
     assert not os.path.exists(tmp) and leftovers(tmp_path) == []
-    assert (_snapshot(out) == {"keep.txt": b"old"}) if existing else not out.exists()
+    assert (_snapshot(out) == old) if existing else not out.exists()
 
 
 def test_sigkill_leaves_only_a_hidden_temporary_directory(big_input, tmp_path):

@@ -52,8 +52,9 @@ def leftovers(directory) -> list:
     return sorted(f for f in os.listdir(directory) if f.endswith(TMP_SUFFIX))
 
 
-def _model():
-    m = random_model(llama_config(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64), seed=1)
+def _model(seed=1):
+    m = random_model(llama_config(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64),
+                     seed=seed)
     m.tokenizer = None
     return m
 
@@ -96,17 +97,18 @@ def test_writer_error_leaves_nothing(fmt, name, opts, tmp_path):
 @pytest.mark.parametrize("fmt,name,opts", WRITERS, ids=IDS)
 def test_existing_target_untouched(fmt, name, opts, tmp_path):
     out = tmp_path / name
-    out.write_bytes(b"precious")
+    save(_model(seed=2), out, to=fmt, quiet=True, **opts)  # a previous output, which --force may replace
+    precious = out.read_bytes()
     os.chmod(out, 0o640)
     with pytest.raises(OutputError, match="exists; pass --force"):
         save(_model(), out, to=fmt, quiet=True, **opts)
-    assert out.read_bytes() == b"precious"
+    assert out.read_bytes() == precious
     model, _ = failing_model(tmp_path)
     with pytest.raises(FormatError):
         save(model, out, to=fmt, quiet=True, force=True, **opts)
-    assert out.read_bytes() == b"precious" and leftovers(tmp_path) == []
+    assert out.read_bytes() == precious and leftovers(tmp_path) == []
     save(_model(), out, to=fmt, quiet=True, force=True, **opts)  # replaced only on success
-    assert out.read_bytes() != b"precious" and leftovers(tmp_path) == []
+    assert out.read_bytes() != precious and leftovers(tmp_path) == []
     assert os.stat(out).st_mode & 0o777 == 0o640  # the replaced file's mode is kept
 
 
@@ -140,10 +142,18 @@ def test_tokenizer_to_bin_error_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(FormatError, match="simulated"):
         write_tokenizer_bin("tok.model", out)
     assert not out.exists() and leftovers(tmp_path) == []
-    out.write_bytes(b"old")
+    from wconv.formats import llama2c_tokenizer
+
+    llama2c_tokenizer.write(Tokenizer(model="llama", tokens=[b"<unk>", b"<s>", b"</s>", b"a"], bos_id=1, eos_id=2),
+                            out)  # a previous tokenizer.bin: replaceable
+    old = out.read_bytes()
     with pytest.raises(FormatError):
         write_tokenizer_bin("tok.model", out, force=True)
-    assert out.read_bytes() == b"old" and leftovers(tmp_path) == []
+    assert out.read_bytes() == old and leftovers(tmp_path) == []
+    out.write_bytes(b"old notes")  # not a tokenizer.bin: --force refuses before doing anything
+    with pytest.raises(OutputError, match="not a llama2.c tokenizer.bin"):
+        write_tokenizer_bin("tok.model", out, force=True)
+    assert out.read_bytes() == b"old notes"
 
 
 def test_keyboard_interrupt_inside_atomic_path(tmp_path):
@@ -270,7 +280,7 @@ def test_signal_midway_leaves_nothing(sig, big_input, tmp_path):
     proc.send_signal(getattr(signal, sig))
     proc.send_signal(signal.SIGCONT)
     stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + getattr(signal, sig), stderr  # SIGINT 130, SIGTERM 143, SIGHUP 129
     assert stderr.strip().splitlines()[-1] == "wconv: interrupted; no output written" and "Traceback" not in stderr
     assert not out.exists() and not os.path.exists(tmp) and leftovers(tmp_path) == []
     assert snapshot(big_input) == before
@@ -319,6 +329,12 @@ def test_cli_force_and_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and res.stderr.splitlines()[-1] == (
         f"wconv: error: {out}: output exists; pass --force to replace it")
     assert out.read_bytes() == b"keep"
+    res = subprocess.run([WCONV, "convert", "-q", src, str(out), "--force"], capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].startswith(
+        f"wconv: error: {out}: refusing to replace it with --force: it is not a gguf file")
+    assert out.read_bytes() == b"keep"
+    out.unlink()
+    subprocess.run([WCONV, "convert", "-q", fixture_path("meta-tiny"), str(out)], check=True)
     res = subprocess.run([WCONV, "convert", "-q", src, str(out), "--force"], capture_output=True, text=True)
     assert res.returncode == 0 and out.read_bytes()[:4] == b"GGUF" and leftovers(tmp_path) == []
 

@@ -12,6 +12,11 @@ target path itself, so a half-written output is never mistaken for a finished on
 
 Directory outputs (atomic_dir) work the same way with a temporary directory; with --force the
 old directory is renamed aside, the new one renamed in, and only then is the old one deleted.
+
+--force never destroys what wconv did not write: the caller says how to recognise a previous
+output of the same format (`own_output(path)` returns None for "ours, replaceable" or the reason
+it is not, e.g. "it holds .git, README.md"); anything else is refused before any work is done.
+An empty file or directory holds nothing and may always be replaced.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.realpath(a) == os.path.realpath(b)
 
 
-def check_target(path, *, force: bool = False, inputs=()) -> str:
+def check_target(path, *, force: bool = False, inputs=(), own_output=None) -> str:
     path = os.fspath(path)
     for src in inputs:
         if src is None or os.path.isdir(src):
@@ -51,17 +56,32 @@ def check_target(path, *, force: bool = False, inputs=()) -> str:
             raise OutputError(path, "refusing to write over the input file")
     if os.path.isdir(path):
         raise OutputError(path, "output is a directory")
-    return _check_replaceable(path, os.path.exists(path), force)
+    return _check_replaceable(path, os.path.exists(path), force, own_output)
 
 
-def _check_replaceable(path: str, exists: bool, force: bool) -> str:
-    """An existing output needs --force; the output's parent directory must exist."""
+def _check_replaceable(path: str, exists: bool, force: bool, own_output=None) -> str:
+    """An existing output needs --force and must be a previous output of this format;
+    the output's parent directory must exist."""
     if exists and not force:
         raise OutputError(path, "output exists; pass --force to replace it")
+    if exists and own_output is not None and not _empty(path):
+        why = own_output(path)
+        if why:
+            raise OutputError(path, f"refusing to replace it with --force: {why}; wconv only replaces its own "
+                                    "outputs (remove it yourself, or choose another name)")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(path, f"output directory {parent} does not exist")
     return path
+
+
+def _empty(path: str) -> bool:
+    try:
+        if os.path.isdir(path):
+            return not os.listdir(path)
+        return os.path.getsize(path) == 0
+    except OSError:
+        return False
 
 
 def _umask() -> int:
@@ -142,13 +162,13 @@ def _write_failure(e: OSError, tmp: str, directory: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path, *, force: bool = False, inputs=()):
+def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
     """Yield a temporary path beside `path`; on clean exit it is renamed to `path`.
 
     On any exception (including KeyboardInterrupt, and SIGTERM once the CLI has
     turned it into one) the temporary file is removed and `path` is untouched.
     """
-    path = check_target(path, force=force, inputs=inputs)
+    path = check_target(path, force=force, inputs=inputs, own_output=own_output)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     os.close(fd)
@@ -182,9 +202,9 @@ def _fsync_dir(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(path, *, force: bool = False, inputs=()):
+def atomic_output(path, *, force: bool = False, inputs=(), own_output=None):
     """Like atomic_path, but yields an open binary file."""
-    with atomic_path(path, force=force, inputs=inputs) as tmp:
+    with atomic_path(path, force=force, inputs=inputs, own_output=own_output) as tmp:
         with open(tmp, "wb") as f:
             yield f
 
@@ -208,7 +228,7 @@ def _inside(path: str, directory: str) -> bool:
         p = parent
 
 
-def check_dir_target(path, *, force: bool = False, inputs=()) -> str:
+def check_dir_target(path, *, force: bool = False, inputs=(), own_output=None) -> str:
     """Checks for a directory output: not an input nor holding one, absent unless force."""
     path = os.fspath(path).rstrip(os.sep) or os.sep  # "out/" names the directory "out"
     for src in inputs:
@@ -216,7 +236,7 @@ def check_dir_target(path, *, force: bool = False, inputs=()) -> str:
             raise OutputError(path, f"refusing to write over a directory that is or contains the input {src}")
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(path, "output exists and is not a directory")
-    return _check_replaceable(path, os.path.lexists(path), force)
+    return _check_replaceable(path, os.path.lexists(path), force, own_output)
 
 
 def _fsync_tree(top: str) -> None:
@@ -245,13 +265,13 @@ def _swap_in(tmp: str, path: str, directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path, *, force: bool = False, inputs=()):
+def atomic_dir(path, *, force: bool = False, inputs=(), own_output=None):
     """Yield a new empty temporary directory beside `path`; on clean exit it becomes `path`.
 
     On any exception (KeyboardInterrupt included) the temporary directory is removed and an
     existing `path` is untouched. With force, an existing `path` is replaced only on success.
     """
-    path = check_dir_target(path, force=force, inputs=inputs)
+    path = check_dir_target(path, force=force, inputs=inputs, own_output=own_output)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     try:

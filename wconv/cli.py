@@ -12,9 +12,16 @@ from . import __version__
 from .errors import WconvError
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM/SIGHUP as a KeyboardInterrupt, so `finally` blocks remove temporary outputs."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _raise_interrupt(signum, frame):
-    # Turn SIGTERM/SIGHUP into KeyboardInterrupt so `finally` blocks remove temporary outputs.
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Interrupted(signum)
 
 
 class _Group(click.Group):
@@ -24,9 +31,10 @@ class _Group(click.Group):
         except WconvError as e:
             click.echo(f"wconv: error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            # The shell convention: 128 + the signal number (SIGINT 130, SIGTERM 143, SIGHUP 129).
             click.echo("wconv: interrupted; no output written", err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         except MemoryError:
             click.echo("wconv: error: out of memory", err=True)
             sys.exit(3)

@@ -6,8 +6,8 @@ import importlib
 import os
 
 from ..atomic import atomic_dir, atomic_path, check_target
-from ..errors import UnsupportedError, UsageError
-from .load import load_model, load_tokenizer
+from ..errors import UnsupportedError, UsageError, WconvError
+from .load import load_model, load_tokenizer, sniff
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
 WRITERS = {
@@ -41,6 +41,24 @@ def input_files(model) -> list:
     return paths
 
 
+# sniff() names of the file formats, to recognise a previous output that --force may replace.
+_SNIFFED = {"gguf": "gguf", "safetensors": "safetensors", "llama2c": "llama2c", "ggjt": "ggml"}
+
+
+def own_output(fmt: str):
+    """The recogniser atomic_path/atomic_dir use before --force replaces an existing OUT."""
+    if fmt in DIRECTORY_FORMATS:
+        return importlib.import_module(WRITERS[fmt][0]).own_output
+
+    def check(path):
+        try:
+            found = sniff(path)
+        except WconvError:
+            found = "unreadable"
+        return None if found == _SNIFFED[fmt] else f"it is not a {fmt} file (it looks like: {found})"
+    return check
+
+
 def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     fmt = format_for(os.fspath(out), to)
     module_name, fn = WRITERS[fmt]
@@ -52,7 +70,7 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     if hasattr(module, "check_options"):  # refuse bad options naming OUT, before any temporary exists
         module.check_options(model, out, **options)
     target = atomic_dir if fmt in DIRECTORY_FORMATS else atomic_path
-    with target(out, force=force, inputs=input_files(model)) as tmp:
+    with target(out, force=force, inputs=input_files(model), own_output=own_output(fmt)) as tmp:
         writer(model, tmp, quiet=quiet, **options)
     return fmt
 
@@ -67,6 +85,10 @@ FORMAT_OPTIONS = {
 }
 
 
+# Outputs that store a vocabulary, so --tokenizer means something (llama2c: tokenizer.bin beside it).
+TOKENIZER_FORMATS = {"gguf", "ggjt", "llama2c", "hf"}
+
+
 def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
     fmt = format_for(os.fspath(out), to)
     given = {k: v for k, v in options.items() if v is not None}
@@ -74,6 +96,9 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         if name not in FORMAT_OPTIONS[fmt]:
             hint = "; use --version 2 for int8" if (fmt, name) == ("llama2c", "dtype") else ""
             raise UsageError(out, f"--{name.replace('_', '-')} does not apply to {fmt} output{hint}")
+    if tokenizer is not None and fmt not in TOKENIZER_FORMATS:
+        raise UsageError(out, f"--tokenizer does not apply to {fmt} output (it holds no vocabulary); "
+                              f"formats that take one: {', '.join(sorted(TOKENIZER_FORMATS))}")
     if given.get("max_seq_len") is not None and given["max_seq_len"] < 1:
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
     options = given
@@ -85,7 +110,7 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         if os.path.abspath(out) == tok_out:
             raise UsageError(out, "with --tokenizer, tokenizer.bin is written beside the model: name the model "
                                   "something else")
-        check_target(tok_out, force=force, inputs=[tokenizer, *input_files(model)])
+        check_target(tok_out, force=force, inputs=[tokenizer, *input_files(model)], own_output=_own_tokenizer_bin)
     save(model, out, to=fmt, force=force, quiet=quiet, **options)
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)
@@ -97,5 +122,15 @@ def write_tokenizer_bin(src, out, *, force=False, loaded=None):
     from ..formats.llama2c_tokenizer import write
 
     tok = loaded if loaded is not None else load_tokenizer(src)
-    with atomic_path(out, force=force, inputs=[src]) as tmp:
+    with atomic_path(out, force=force, inputs=[src], own_output=_own_tokenizer_bin) as tmp:
         write(tok, tmp)
+
+
+def _own_tokenizer_bin(path):
+    from ..formats.llama2c_tokenizer import read
+
+    try:
+        read(path)
+    except WconvError:
+        return "it is not a llama2.c tokenizer.bin"
+    return None

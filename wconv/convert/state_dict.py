@@ -395,7 +395,7 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
     named = _normalise_names(tensors, path, problems)
     fam, layout, side, how = identify(named, params=params, model_args=model_args, hf_config=hf_config,
                                       st_metadata=st_metadata, problems=problems)
-    metadata["architecture_source"] = how
+    metadata["_arch_source"] = how
     cfg, canon = None, {}
     if fam is None:
         if layout == "unknown":

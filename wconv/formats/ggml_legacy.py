@@ -233,7 +233,8 @@ def _read(path: str, r: _Reader) -> Model:
                  n_kv_heads=(wk.shape[0] // head_dim) if wk is not None and head_dim else n_head,
                  vocab_size=n_vocab, hidden_dim=hidden, max_seq_len=N_CTX_ASSUMED,
                  norm_eps=NORM_EPS_ASSUMED, tie_embeddings=bool(tensors) and "output.weight" not in tensors)
-    metadata = {"format": kind, "version": version, "n_mult": n_mult, "n_rot": n_rot, "ftype": ftype,
+    metadata = {"_input_files": [path], "_arch_source": f"{kind} files hold Llama models", "format": kind, "version": version, "n_mult": n_mult, "n_rot": n_rot,
+                "ftype": ftype,
                 "assumed": {"max_seq_len": N_CTX_ASSUMED, "norm_eps": NORM_EPS_ASSUMED},
                 "tensor_names": {k: v for k, v in raw_names.items() if k != v}}
     if not tensors:

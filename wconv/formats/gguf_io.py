@@ -340,7 +340,8 @@ def read(path, *, strict: bool = True) -> Model:
                                         _tensor_loader(path, size, info, h.endian), source=f"{base}:{info.name}",
                                         storage_key=(path, info.offset))
 
-    metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv)}
+    metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv),
+                "_input_files": [path], "_arch_source": f"declared by GGUF general.architecture ({arch_name!r})"}
     metadata.update({k: _summary(v, h.kv_types[k]) for k, v in h.kv.items()})
     metadata["GGUF.alignment"] = h.alignment
     metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"

@@ -20,7 +20,7 @@ import shutil
 import numpy as np
 
 from .. import arch, dtypes
-from ..errors import UnsupportedError, UsageError
+from ..errors import UnsupportedError, UsageError, WconvError
 from ..model import Model
 from ..tensor import LazyTensor
 from . import safetensors_io
@@ -32,6 +32,37 @@ _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# Everything wconv may write into an HF directory (weights, config, tokenizer files).
+OUTPUT_FILES = {"config.json", SINGLE_FILE, INDEX_FILE, "generation_config.json", "tokenizer.model",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+
+
+def own_output(path) -> str | None:
+    """None when directory `path` is a previous wconv HF output (and so may be replaced), else why not.
+
+    Ours: only files of the names wconv writes, no subdirectories, and every safetensors file
+    carries wconv's `wconv.*` metadata (transformers' save_pretrained writes only {"format": "pt"}).
+    """
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        return f"it cannot be listed ({e.strerror or e})"
+    foreign = [n for n in entries if not (n in OUTPUT_FILES or SHARD_FILE.match(n))
+               or not os.path.isfile(os.path.join(path, n)) or os.path.islink(os.path.join(path, n))]
+    if foreign:
+        return f"it holds {', '.join(foreign[:5])}{' …' if len(foreign) > 5 else ''}, which wconv did not write"
+    weights = [n for n in entries if n.endswith(".safetensors")]
+    if not weights:
+        return "it holds no wconv-written weights"
+    for n in weights:
+        try:
+            _, meta, _, _ = safetensors_io.read_header(os.path.join(path, n))
+        except WconvError:
+            return f"{n} is not a readable safetensors file"
+        if not any(k.startswith(safetensors_io.CONFIG_PREFIX) for k in meta):
+            return f"{n} was not written by wconv"
+    return None
 
 
 def parse_size(value) -> int:

@@ -219,7 +219,8 @@ def read(path) -> Model:
     config = Config(arch="llama", dim=h.dim, n_layers=h.n_layers, n_heads=h.n_heads, n_kv_heads=h.n_kv_heads,
                     vocab_size=h.vocab_size, hidden_dim=h.hidden_dim, max_seq_len=h.seq_len,
                     norm_eps=RUNC_NORM_EPS, rope_theta=RUNC_ROPE_THETA, tie_embeddings=h.shared)
-    metadata = {"llama2c_version": h.version, "shared_classifier": h.shared, "_input_files": [path]}
+    metadata = {"llama2c_version": h.version, "shared_classifier": h.shared, "_input_files": [path],
+                "_arch_source": "llama2.c .bin files hold Llama models"}
     if h.version == 0:
         metadata["rope_tables"] = bool(rope_tables_present)
     if h.version == 2:

@@ -45,6 +45,7 @@ def report_for(model) -> dict:
         "format": model.source_format,
         "layout": model.source_layout,
         "arch": model.config.arch,
+        "arch_source": model.metadata.get("_arch_source", ""),
         # strict JSON: a non-finite value read from a file (e.g. a GGUF epsilon) becomes a string
         "config": {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                    for k, v in model.config.to_dict().items()},
@@ -54,9 +55,18 @@ def report_for(model) -> dict:
         "dtypes": _dtype_counts(tensors),
         "tensors": tensors,
         "tokenizer": _tokenizer_summary(model.tokenizer),
-        "input_files": [os.fspath(p) for p in model.metadata.get("_input_files", [])],
+        "input_files": input_files(model),
         "metadata": _bounded_metadata(model.metadata),
     }
+
+
+def input_files(model) -> list:
+    """Every file the model was read from: weights, side files, and a tokenizer file (given or found)."""
+    files = [os.fspath(p) for p in model.metadata.get("_input_files", [])]
+    source = getattr(model.tokenizer, "source", None)
+    if source and os.path.isfile(source) and source not in files:
+        files.append(os.fspath(source))
+    return files
 
 
 def _dtype_counts(tensors) -> dict:
@@ -102,7 +112,8 @@ def format_text(report: dict) -> str:
     lines = [f"path:    {report.get('path', '')}",
              f"format:  {report.get('format', '')}",
              f"layout:  {report.get('layout', '')}",
-             f"arch:    {report.get('arch', '')}"]
+             f"arch:    {report.get('arch', '')}"
+             + (f" ({report['arch_source']})" if report.get("arch_source") else "")]
     cfg = report.get("config") or {}
     fields = _CONFIG_FIELDS.get(report.get("arch"))
     if fields:
