@@ -11,7 +11,8 @@ import pytest
 import modelgen
 from conftest import fixture_path, realdata_path
 from wconv import dtypes
-from wconv.convert.sources import load_directory, load_safetensors_file
+from wconv.convert.load import load_model
+from wconv.convert.sources import load_safetensors_file
 from wconv.errors import FormatError, UnsupportedError, UsageError
 from wconv.formats import safetensors_io
 from wconv.tensor import LazyTensor
@@ -188,7 +189,7 @@ def test_dtype_conversion_matches_torch(tmp_path, dtype, torch_dtype):
 def test_bf16_source_written_unchanged_and_widened(tmp_path):
     from safetensors import safe_open
 
-    src = load_directory(fixture_path("hf-llama-tiny"))
+    src = load_model(fixture_path("hf-llama-tiny"))
     path = _write(src, tmp_path / "same.safetensors")
     with safe_open(path, framework="pt") as f:
         for name, t in src.tensors.items():
@@ -244,7 +245,7 @@ def test_hf_names_round_trip(tmp_path, cfg):
     d.mkdir()
     _write(model, d / "model.safetensors", names="hf")
     (d / "config.json").write_text(json.dumps(safetensors_io.hf_config(model)))
-    back = load_directory(str(d))
+    back = load_model(str(d))
     assert back.source_layout == ("hf-llama" if cfg.arch == "llama" else "hf-gpt2")
     assert back.config == model.config
     assert list(back.tensors) == list(model.tensors)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import fixture_path, realdata_path
 from wconv.convert.load import load_model
-from wconv.convert.sources import load_directory, load_safetensors_file, load_torch_file
+from wconv.convert.sources import load_safetensors_file, load_torch_file
 from wconv.errors import FormatError, UnsupportedError
 
 import torch  # noqa: E402  (a pinned test dependency: fail, never skip, when it is missing)
@@ -57,7 +57,7 @@ def assert_same_tensors(a, b):
 # --- fixtures against torch ----------------------------------------------------------------------
 
 def test_meta_tiny_matches_torch_load():
-    m = load_directory(fixture_path("meta-tiny"))
+    m = load_model(fixture_path("meta-tiny"))
     theirs = torch.load(fixture_path("meta-tiny", "consolidated.00.pth"), weights_only=True)
     assert len(m.tensors) == len(theirs)
     for name, t in theirs.items():
@@ -73,7 +73,7 @@ def test_meta_tiny_matches_torch_load():
 
 
 def test_two_shards_merge_like_torch_cat():
-    merged = load_directory(fixture_path("meta-tiny-2shard"))
+    merged = load_model(fixture_path("meta-tiny-2shard"))
     shards = [torch.load(fixture_path("meta-tiny-2shard", f"consolidated.{k:02d}.pth"), weights_only=True)
               for k in range(2)]
     for name in shards[0]:
@@ -85,15 +85,15 @@ def test_two_shards_merge_like_torch_cat():
             axis = 1 if name.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")) else 0
             expect = torch.cat([s[name] for s in shards], dim=axis)
         np.testing.assert_array_equal(merged[meta_canon(name)].raw(), bits(expect), err_msg=name)
-    assert_same_tensors(merged, load_directory(fixture_path("meta-tiny")))
+    assert_same_tensors(merged, load_model(fixture_path("meta-tiny")))
     assert merged.metadata["n_shards"] == 2 and "rope.freqs" not in merged.tensors
     assert len(merged.metadata["_input_files"]) == 3
 
 
 @pytest.mark.parametrize("hf_dir", ["hf-llama-tiny", "hf-llama-tiny-bin"])
 def test_hf_llama_dirs_give_the_meta_weights(hf_dir):
-    meta = load_directory(fixture_path("meta-tiny"))
-    hf = load_directory(fixture_path(hf_dir))
+    meta = load_model(fixture_path("meta-tiny"))
+    hf = load_model(fixture_path(hf_dir))
     assert hf.source_layout == "hf-llama"
     assert hf.config == meta.config
     assert_same_tensors(hf, meta)
@@ -107,12 +107,12 @@ def test_hf_fixture_runs_in_transformers_like_our_meta_reading():
     tokens = [5, 17, 200, 3, 99, 42, 7, 255]
     with torch.no_grad():
         theirs = hf(torch.tensor([tokens])).logits[0].numpy()
-    ours = reference.forward(load_directory(fixture_path("meta-tiny")), tokens)
+    ours = reference.forward(load_model(fixture_path("meta-tiny")), tokens)
     assert np.abs(ours - theirs).max() < 1e-4 and np.abs(theirs).max() > 0.1
 
 
 def test_meta_f16_llama2_style_params():
-    m = load_directory(fixture_path("meta-tiny-f16"))
+    m = load_model(fixture_path("meta-tiny-f16"))
     c = m.config
     assert c.vocab_size == 128  # params.json: -1
     assert c.n_kv_heads == c.n_heads == 4  # no n_kv_heads
@@ -169,7 +169,7 @@ def test_real_hf_gpt2_dir_against_safetensors_lib():
     from safetensors import safe_open
 
     d = realdata_path("safetensors", "lm-buddy_fake_gpt2")
-    m = load_directory(d)
+    m = load_model(d)
     assert m.source_layout == "hf-gpt2" and m.config.tie_embeddings
     assert (m.config.dim, m.config.n_heads, m.config.vocab_size, m.config.max_seq_len) == (2, 1, 50257, 1024)
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -200,7 +200,7 @@ def test_real_bare_meta_state_dict(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": -1}))
     m = load_model(tmp_path / "consolidated.00.pth")
     assert (m.config.n_heads, m.config.n_kv_heads, m.config.vocab_size, m.config.hidden_dim) == (4, 4, 500, 256)
-    assert_same_tensors(m, load_directory(str(tmp_path)))
+    assert_same_tensors(m, load_model(str(tmp_path)))
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_missing_shard(tmp_path):
     d = _copy("meta-tiny-2shard", tmp_path)
     (d / "consolidated.00.pth").unlink()
     with pytest.raises(FormatError, match="missing shard consolidated.00.pth"):
-        load_directory(str(d))
+        load_model(str(d))
 
 
 def test_mismatched_shard_shapes(tmp_path):
@@ -224,7 +224,7 @@ def test_mismatched_shard_shapes(tmp_path):
     shard["layers.0.attention.wq.weight"] = shard["layers.0.attention.wq.weight"][:, :10].clone()
     torch.save(shard, d / "consolidated.01.pth")
     with pytest.raises(FormatError, match=r"consolidated.01.pth: tensor layers.0.attention.wq.weight.*does not fit"):
-        load_directory(str(d))
+        load_model(str(d))
 
 
 def test_lone_shard_is_refused(tmp_path):
@@ -238,44 +238,44 @@ def test_index_naming_missing_file_or_tensor(tmp_path):
     d = _copy("hf-llama-tiny-bin", tmp_path)
     (d / "pytorch_model-00002-of-00002.bin").unlink()
     with pytest.raises(FormatError, match="names shard pytorch_model-00002-of-00002.bin which does not exist"):
-        load_directory(str(d))
+        load_model(str(d))
     d = _copy("hf-llama-tiny-bin", tmp_path / "b")
     index = json.loads((d / "pytorch_model.bin.index.json").read_text())
     index["weight_map"]["model.norm.weight"] = "pytorch_model-00001-of-00002.bin"
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(FormatError, match="does not contain 'model.norm.weight'"):
-        load_directory(str(d))
+        load_model(str(d))
     index["weight_map"] = {}
     (d / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     with pytest.raises(FormatError, match="no weight_map"):
-        load_directory(str(d))
+        load_model(str(d))
 
 
 def test_bad_json_and_missing_params(tmp_path):
     d = _copy("meta-tiny", tmp_path)
     (d / "params.json").write_text("{dim: 64")
     with pytest.raises(FormatError, match="params.json: not valid JSON"):
-        load_directory(str(d))
+        load_model(str(d))
     (d / "params.json").unlink()
     with pytest.raises(FormatError, match="no params.json"):
-        load_directory(str(d))
-    assert load_directory(str(d), strict=False).config.n_heads == 0  # inspect still shows it
+        load_model(str(d))
+    assert load_model(str(d), strict=False).config.n_heads == 0  # inspect still shows it
     h = _copy("hf-llama-tiny", tmp_path / "h")
     (h / "config.json").write_text("[]")
     with pytest.raises(FormatError, match="config.json: expected a JSON object"):
-        load_directory(str(h))
+        load_model(str(h))
 
 
 def test_directories_without_a_model(tmp_path):
     with pytest.raises(FormatError, match="no model files"):
-        load_directory(str(tmp_path))
+        load_model(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FormatError, match="no model.safetensors"):
-        load_directory(str(tmp_path))
+        load_model(str(tmp_path))
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(fixture_path("llama2c-ckpt.pt"), single / "ckpt.pt")
-    assert load_directory(str(single)).source_layout == "llama2c-ckpt"
+    assert load_model(str(single)).source_layout == "llama2c-ckpt"
 
 
 def test_safetensors_shard_passed_alone(tmp_path):

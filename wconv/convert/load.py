@@ -11,54 +11,7 @@ import os
 
 from ..errors import FormatError, UnsupportedError, WconvError
 from ..model import Model
-
-# File magics. Legacy torch files start with a pickle (protocol 2: 0x80 0x02).
-ZIP_MAGIC = b"PK\x03\x04"
-GGUF_MAGIC = b"GGUF"
-LLAMA2C_MAGIC = b"ak42"  # uint32 0x616b3432 little-endian
-GGML_MAGICS = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}  # uint32 magics, little-endian bytes
-
-
-def sniff(path: str) -> str:
-    """Name of the format of file `path` from its first bytes (and size)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-    except IsADirectoryError:
-        return "directory"
-    except OSError as e:
-        raise FormatError(path, f"cannot read: {e.strerror or e}") from None
-    if len(head) == 0:
-        raise FormatError(path, "file is empty")
-    if head.startswith(ZIP_MAGIC) or head.startswith(b"PK\x05\x06"):
-        return "torch-zip"
-    if head.startswith(GGUF_MAGIC):
-        return "gguf"
-    if head[:4] == LLAMA2C_MAGIC[::-1]:
-        return "llama2c"
-    if head[:4] in GGML_MAGICS:
-        return "ggml"
-    # llama2.c v0 has no magic and its first int (dim, e.g. 128 = 0x80) can look like a pickle
-    # opcode; its header must match the file size exactly, which nothing else does by accident.
-    from ..formats.llama2c import looks_like_v0
-
-    if looks_like_v0(path):
-        return "llama2c"
-    # safetensors before the pickle test: its first byte is the header length's low byte,
-    # which can be 0x80 or '(' too; a '{' after a length that fits the file is safetensors.
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= os.path.getsize(path):
-        return "safetensors"
-    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]", b"c"):
-        return "torch-legacy"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"  # truncated: the reader says so
-    if path.endswith(".model"):
-        return "sentencepiece"
-    from ..formats.llama2c import has_v0_header
-
-    # A plausible v0 header whose sizes do not add up: let the llama2.c reader say what is wrong.
-    return "llama2c" if has_v0_header(path) else "unknown"
-
+from ..sniff import sniff
 
 def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, strict: bool = True) -> Model:
     """Open `path` lazily. strict=False lets inspect show files whose layout is unknown."""
@@ -66,9 +19,13 @@ def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, str
     if not os.path.exists(path):
         raise FormatError(path, "no such file or directory")
     if os.path.isdir(path):
-        from .sources import load_directory
+        from .sources import load_directory, resolve_directory
 
-        model = load_directory(path, allow_unknown_globals=allow_unknown_globals, strict=strict)
+        kind, single = resolve_directory(path)
+        if kind == "file":  # a directory holding one model file: that file
+            model = _load_file(single, sniff(single), allow_unknown_globals, strict)
+        else:
+            model = load_directory(path, kind, allow_unknown_globals=allow_unknown_globals, strict=strict)
     else:
         fmt = sniff(path)
         model = _load_file(path, fmt, allow_unknown_globals, strict)

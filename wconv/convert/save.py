@@ -7,7 +7,8 @@ import os
 
 from ..atomic import atomic_dir, atomic_path, check_target
 from ..errors import UnsupportedError, UsageError, WconvError
-from .load import load_model, load_tokenizer, sniff
+from ..sniff import sniff
+from .load import load_model, load_tokenizer
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
 WRITERS = {

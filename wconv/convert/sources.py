@@ -12,6 +12,7 @@ import re
 
 from ..errors import FormatError, UnsupportedError
 from ..model import Model
+from ..sniff import sniff
 from . import state_dict as sd
 
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
@@ -37,8 +38,6 @@ def read_json(path) -> dict:
 
 
 def _torch_format(path) -> str:
-    from .load import sniff
-
     fmt = sniff(path)
     if fmt not in ("torch-zip", "torch-legacy"):
         raise FormatError(path, f"expected a torch checkpoint, found {fmt}")
@@ -132,29 +131,36 @@ def load_safetensors_file(path, *, strict: bool = True) -> Model:
 
 # --- directories -------------------------------------------------------------------------
 
-def load_directory(path, *, allow_unknown_globals: bool = False, strict: bool = True) -> Model:
+def resolve_directory(path) -> tuple[str, str | None]:
+    """What a model directory holds: ("meta", None), ("hf", None) or ("file", its one model file)."""
     path = os.fspath(path)
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
         raise FormatError(path, f"cannot list directory: {e.strerror or e}") from None
     if any(META_SHARD.match(n) for n in names):
-        return _load_meta_dir(path, names, allow_unknown_globals, strict)
+        return "meta", None
     if "config.json" in names and any(n in names for pair in HF_WEIGHTS for n in pair[:2]):
-        return _load_hf_dir(path, names, allow_unknown_globals, strict)
+        return "hf", None
     candidates = [n for n in names if n.endswith(MODEL_EXTENSIONS) and not n.startswith(".")
                   and os.path.isfile(os.path.join(path, n)) and n != "tokenizer.bin"]
     if len(candidates) == 1:
-        from .load import load_model
-
-        return load_model(os.path.join(path, candidates[0]), allow_unknown_globals=allow_unknown_globals,
-                          strict=strict)
+        return "file", os.path.join(path, candidates[0])
     if "config.json" in names:
         raise FormatError(path, "config.json found but no model.safetensors, pytorch_model.bin or "
                                 "their .index.json")
     what = f"several candidate files ({', '.join(candidates[:5])})" if candidates else "no model files"
     raise FormatError(path, f"directory has {what}; expected consolidated.NN.pth + params.json, "
                             "config.json + model.safetensors / pytorch_model.bin, or a single model file")
+
+
+def load_directory(path, kind: str, *, allow_unknown_globals: bool = False, strict: bool = True) -> Model:
+    """A Meta or HF model directory (kind from resolve_directory) as a Model."""
+    path = os.fspath(path)
+    names = sorted(os.listdir(path))
+    if kind == "meta":
+        return _load_meta_dir(path, names, allow_unknown_globals, strict)
+    return _load_hf_dir(path, names, allow_unknown_globals, strict)
 
 
 def _load_meta_dir(path, names, allow_unknown_globals, strict) -> Model:

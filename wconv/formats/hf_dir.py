@@ -7,7 +7,7 @@ a tied classifier is left out, HF re-ties it), and a copy of the sentencepiece
 the shard limit, to `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`
 (save_pretrained's layout). Every file is streamed one tensor at a time by safetensors_io.write.
 
-wconv's directory reader (wconv.convert.sources.load_directory) reads all of it back.
+wconv's directory reader (wconv.convert.sources.load_directory, via convert.load.load_model) reads all of it back.
 """
 from __future__ import annotations
 

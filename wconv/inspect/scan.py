@@ -506,7 +506,7 @@ def _literal_int(data, start) -> int | None:
 
 
 def _known_non_pickle(path: str, head: bytes, size: int) -> str | None:
-    from ..convert.load import GGML_MAGICS, GGUF_MAGIC, LLAMA2C_MAGIC
+    from ..sniff import GGML_MAGICS, GGUF_MAGIC, LLAMA2C_MAGIC
 
     if head.startswith(GGUF_MAGIC):
         return "gguf"
