@@ -348,11 +348,6 @@ def edit_gguf(src, dst=None, *, set=(), delete=(), chat_template=None, in_place:
     if sniff(src) != "gguf":
         raise FormatError(src, "not a GGUF file; wconv edit changes GGUF metadata only")
     h, size = gguf_io.read_header(src)
-    try:
-        gguf_io.read(src)
-        reads_back = True
-    except WconvError:  # e.g. vocabulary arrays wconv does not accept: then only the header is re-checked
-        reads_back = False
     arch = _text(h.kv.get("general.architecture", b""))
     notes: list = []
     assignments = list(set)
@@ -389,7 +384,7 @@ def edit_gguf(src, dst=None, *, set=(), delete=(), chat_template=None, in_place:
         with open(tmp, "wb") as f:
             f.write(prefix)
             copy_range(src, h.data_offset, data_bytes, f, what="GGUF tensor data")
-        _check_written(tmp, out, h, len(prefix), reads_back)
+        _check_written(src, tmp, out, h, len(prefix))
     for note in notes:
         warn(src, note)
     return {"input": src, "output": out, "in_place": in_place,
@@ -397,17 +392,23 @@ def edit_gguf(src, dst=None, *, set=(), delete=(), chat_template=None, in_place:
             "bytes_copied": data_bytes, "seconds": round(time.monotonic() - started, 3), "notes": notes}
 
 
-def _check_written(tmp: str, out: str, before, new_data_offset: int, reads_back: bool) -> None:
-    """Re-read the result: same tensors, each at the same place in the data section."""
+def _check_written(src: str, tmp: str, out: str, before, new_data_offset: int) -> None:
+    """Re-read the result: it parses (metadata, vocabulary), and every tensor is where it was."""
     try:
-        after, _ = gguf_io.read_header(tmp)
-        if reads_back:
-            gguf_io.read(tmp)  # metadata consistent (vocabulary arrays...)
+        tensors = gguf_io.read(tmp).tensors
+        where = {name: t.storage_key[1] for name, t in tensors.items()}
     except WconvError as e:
-        raise UsageError(out, f"the edited file would not read back ({e.message}); nothing written") from None
-    same = [(t.name, t.dims, t.dtype.name, t.offset - before.data_offset) for t in before.tensors] == \
-        [(t.name, t.dims, t.dtype.name, t.offset - after.data_offset) for t in after.tensors]
-    if not same or (before.tensors and after.data_offset != new_data_offset):
+        try:
+            gguf_io.read(src)
+        except WconvError:  # the input itself does not read as a model: compare the headers only
+            after, _ = gguf_io.read_header(tmp)
+            tensors = {t.name: t for t in after.tensors}
+            where = {t.name: t.offset for t in after.tensors}
+        else:
+            raise UsageError(out, f"the edited file would not read back ({e.message}); nothing written") from None
+    moved = [t.name for t in before.tensors if t.name not in where
+             or where[t.name] - new_data_offset != t.offset - before.data_offset]
+    if moved or len(tensors) != len(before.tensors):
         raise FormatError(out, "the edited file's tensors do not match the input's; nothing written")
 
 

@@ -70,9 +70,16 @@ def verify_path(path, *, checksums=None, crc: bool = False, deep: bool = False, 
             if not files:
                 raise UsageError(path, f"no {DEFAULT_LIST} and no model files here; pass --checksums FILE")
     else:
-        if checksums is not None:
-            result["checksums"] = _verify_listed_file(path, os.fspath(checksums), quiet, workers)
         files = [path]
+        if checksums is not None:
+            from ..convert.load import sniff
+
+            result["checksums"] = _verify_listed_file(path, os.fspath(checksums), quiet, workers)
+            try:
+                if sniff(path) not in MODEL_FORMATS:  # e.g. tokenizer.model, params.json: the digest is the check
+                    files = []
+            except FormatError:
+                pass
     for f in files:
         result["structure"].append(verify_model_file(f, crc=crc, deep=deep, quiet=quiet, workers=workers))
     result["ok"] = (result["checksums"] is None or result["checksums"]["ok"]) and \
