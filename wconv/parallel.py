@@ -24,12 +24,14 @@ def default_workers() -> int:
 
 
 def ordered_map(fn: Callable, items: Iterable, *, workers: int | None = None,
-                max_pending: int | None = None) -> Iterator:
+                max_pending: int | None = None, cancel=None) -> Iterator:
     """fn(item) for each item, in order, computed on `workers` threads.
 
     Items are pulled from `items` (often a generator producing pieces) only while fewer
     than `max_pending` results are outstanding (default: workers + 1), so at most that many
     pieces exist at once. An exception in fn is raised here, at that item's position.
+    `cancel` (a threading.Event) is set when the caller stops early (an exception, Ctrl-C),
+    before waiting for the running items: long-running fns can poll it and return.
     """
     workers = default_workers() if workers is None else max(1, int(workers))
     if workers == 1:
@@ -47,6 +49,10 @@ def ordered_map(fn: Callable, items: Iterable, *, workers: int | None = None,
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:
+        if cancel is not None:
+            cancel.set()
+        raise
     finally:
         for f in pending:
             f.cancel()

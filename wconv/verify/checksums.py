@@ -184,10 +184,12 @@ def verify_checksums(directory, list_path, *, quiet: bool = True, workers: int |
         full = os.path.join(directory, e.name)
         if os.path.isfile(full):
             sizes[e.name] = os.path.getsize(full)
-    lock = threading.Lock()
+    lock, stop = threading.Lock(), threading.Event()
 
     with progress(sum(sizes.values()), "verifying checksums", quiet=quiet) as bar:
         def update(n):
+            if stop.is_set():  # Ctrl-C: do not finish hashing a 16 GB file first
+                raise KeyboardInterrupt
             with lock:
                 bar.update(n)
 
@@ -212,7 +214,7 @@ def verify_checksums(directory, list_path, *, quiet: bool = True, workers: int |
             return row
 
         # Two files at a time (one per core); each file's result is small, so keep few pending.
-        rows = list(ordered_map(check, entries, workers=workers or default_workers()))
+        rows = list(ordered_map(check, entries, workers=workers or default_workers(), cancel=stop))
     extra = [] if only is not None else _extra_files(directory, {e.name for e in entries},
                                                       {os.path.abspath(list_path)})
     seconds = time.monotonic() - started
