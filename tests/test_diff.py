@@ -6,29 +6,18 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import torch
 
 import modelgen
+from clirun import wconv
 from conftest import fixture_path, realdata_path
 from wconv.convert.load import load_model
 from wconv.convert.save import save
 from wconv.diff import diff_models, format_diff
 from wconv.formats import gguf_io
-
-
-def wconv(*args):
-    from click.testing import CliRunner
-
-    from wconv.cli import main
-
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -10,39 +10,18 @@ import io
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
 
 import modelgen
+from clirun import wconv
+from test_llamacpp_interop import llama_cpp  # noqa: F401  (the fixture: fails under CI=true without it)
 from conftest import realdata_path
 from wconv.formats import gguf_io
 from wconv.gguf_edit import edit_gguf, parse_assignment
 
 REAL = ("gguf", "ollama_llama-2-tiny-random_f16.gguf")
-
-
-def wconv(*args):
-    from click.testing import CliRunner
-
-    from wconv.cli import main
-
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e}); install the llama-cpp-python wheel")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
 
 
 def llama_run(llama_cpp, path, tokens=(1, 5, 9, 14, 3)):

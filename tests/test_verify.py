@@ -19,26 +19,15 @@ import pytest
 import torch
 
 import modelgen
+from clirun import wconv
 from conftest import fixture_path, realdata_path
-from wconv.formats import gguf_io, llama2c, safetensors_io
+from wconv.formats import gguf_io, llama2c
 from wconv.verify import format_result, verify_path
 from wconv.verify.checksums import parse_list, verify_checksums
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head><body>Access denied</body></html>\n"
 S3_ERROR = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
             b"<Message>Request has expired</Message></Error>")
-
-
-def wconv(*args):
-    """Run the CLI in-process: .returncode, .stdout, .stderr like a finished subprocess."""
-    from click.testing import CliRunner
-
-    from wconv.cli import main
-
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def checksum_list(directory, names, tool="md5sum", list_name="checklist.chk", *extra) -> str:
