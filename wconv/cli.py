@@ -93,12 +93,15 @@ _unknown = click.option("--allow-unknown-globals", is_flag=True,
 @main.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (stable; see README).")
+@click.option("--stats", is_flag=True, help="Also per-tensor min, max, mean, std and NaN/Inf/zero counts "
+                                            "(reads every tensor, in bounded pieces).")
+@_quiet
 @_unknown
-def inspect(path, as_json, allow_unknown_globals):
-    """Show format, architecture, hyperparameters and tensors of PATH (reads no tensor data)."""
+def inspect(path, as_json, stats, quiet, allow_unknown_globals):
+    """Show format, architecture, hyperparameters and tensors of PATH (reads no tensor data unless --stats)."""
     from .inspect.report import format_text, inspect_path
 
-    report = inspect_path(path, allow_unknown_globals=allow_unknown_globals)
+    report = inspect_path(path, allow_unknown_globals=allow_unknown_globals, stats=stats, quiet=quiet)
     click.echo(json.dumps(report, indent=1) if as_json else format_text(report))
 
 
@@ -208,6 +211,78 @@ def scan(path, as_json):
     click.echo(json.dumps(result, indent=1) if as_json else format_scan(result))
     if not result["safe"]:
         sys.exit(2 if result["verdict"] == "unreadable" else 1)
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--checksums", type=click.Path(dir_okay=False),
+              help="md5sum/sha256sum-style list to check against (default: PATH/checklist.chk for a directory).")
+@click.option("--crc", is_flag=True, help="Also check the CRC-32 of every torch zip member.")
+@click.option("--deep", is_flag=True, help="Also scan every tensor for NaN/Inf (reads all tensor data).")
+@click.option("--json", "as_json", is_flag=True)
+@_quiet
+def verify(path, checksums, crc, deep, as_json, quiet):
+    """Check a download directory against its checksum list, or a model file's structure.
+
+    A directory with checklist.chk (Meta's downloads) or --checksums: every listed file is
+    hashed; missing, mismatching, HTML-instead-of-data and unlisted files are problems. A model
+    file (torch, safetensors, GGUF incl. split sets, llama2.c, GGML/GGJT): every tensor's bytes
+    in bounds, sized by dtype and shape, no overlaps, nothing truncated, laid out as the consumer
+    needs. Exit code 0: no problem; 1: problems found; 2: unusable arguments.
+    """
+    from .verify import format_result, verify_path
+
+    result = verify_path(path, checksums=checksums, crc=crc, deep=deep, quiet=quiet)
+    click.echo(json.dumps(result, indent=1) if as_json else format_result(result))
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance per element.")
+@click.option("--rtol", type=float, default=0.0, show_default=True, help="Tolerance relative to |B| per element.")
+@click.option("--strict", is_flag=True, help="Also fail on tensors only in one model and on hyperparameter or "
+                                             "tokenizer differences.")
+@click.option("--json", "as_json", is_flag=True)
+@_quiet
+def diff(a, b, atol, rtol, strict, as_json, quiet):
+    """Compare two models tensor by tensor (any formats; quantised ones dequantised).
+
+    Exit code 0: every common tensor matches within --atol/--rtol (exact by default);
+    1: some differ; 2: error.
+    """
+    from .diff import diff_models, format_diff
+
+    result = diff_models(a, b, atol=atol, rtol=rtol, strict=strict, quiet=quiet)
+    click.echo(json.dumps(result, indent=1) if as_json else format_diff(result))
+    if not result["ok"]:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path(), required=False)
+@click.option("--set", "assignments", multiple=True, metavar="KEY[:TYPE]=VALUE",
+              help="Set a metadata key (repeatable). An existing key keeps its type; TYPE is one of u8 i8 u16 "
+                   "i16 u32 i32 u64 i64 f32 f64 bool str, or TYPE[] for a JSON array.")
+@click.option("--delete", "deletions", multiple=True, metavar="KEY", help="Remove a metadata key (repeatable).")
+@click.option("--chat-template", type=click.Path(dir_okay=False), help="File whose text becomes "
+                                                                       "tokenizer.chat_template.")
+@click.option("--in-place", is_flag=True, help="Rewrite SRC itself (atomically; needs room for one copy).")
+@_force
+def edit(src, out, assignments, deletions, chat_template, in_place, force):
+    """Edit the metadata of a GGUF file; tensor data is copied unchanged (about the cost of cp).
+
+    Edits that would keep llama.cpp from loading the file (a type it does not read a key as,
+    a changed shape-determining key, a deleted required key, ...) are refused.
+    """
+    from .gguf_edit import edit_gguf, format_edit
+
+    result = edit_gguf(src, out, set=assignments, delete=deletions, chat_template=chat_template,
+                       in_place=in_place, force=force)
+    click.echo(format_edit(result))
 
 
 if __name__ == "__main__":

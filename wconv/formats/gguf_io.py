@@ -72,6 +72,8 @@ class Header:
     kv: dict = field(default_factory=dict)  # key -> value (strings as bytes, arrays as lists)
     kv_types: dict = field(default_factory=dict)  # key -> (type name, element type name or None)
     tensors: list = field(default_factory=list)  # TensorInfo, in file order
+    kv_spans: dict = field(default_factory=dict)  # key -> (start, end) byte range of its whole entry
+    info_span: tuple = (0, 0)  # byte range of the tensor infos (between the metadata and the padding)
 
 
 class _Cursor:
@@ -154,12 +156,14 @@ def parse_header(path: str, buf) -> Header:
         raise FormatError(path, f"header declares {n_kv} metadata entries, more than the file can hold")
     h = Header(version, endian, DEFAULT_ALIGNMENT, 0)
     for i in range(n_kv):
+        start = c.pos
         key = c.string(f"metadata key #{i}").decode("utf-8", "replace")
         if key in h.kv:
             raise FormatError(path, f"duplicate metadata key {key!r}")
         vtype = c.unpack("I", f"type of {key!r}")
         h.kv[key], sub = c.value(vtype, f"metadata {key!r}")
         h.kv_types[key] = (_VALUE_TYPES[vtype][0], _VALUE_TYPES[sub][0] if sub is not None else None)
+        h.kv_spans[key] = (start, c.pos)
     if "general.alignment" in h.kv:
         h.alignment = h.kv["general.alignment"]
         if h.kv_types["general.alignment"][0] != "UINT32" or h.alignment == 0 or h.alignment & (h.alignment - 1):
@@ -167,6 +171,7 @@ def parse_header(path: str, buf) -> Header:
     if n_tensors * 25 > c.end - c.pos:  # smallest tensor info: 8+1 name, 4 n_dims, 4 type, 8 offset
         raise FormatError(path, f"header declares {n_tensors} tensors, more than the file can hold")
     infos = []
+    info_start = c.pos
     for i in range(n_tensors):
         name = c.string(f"tensor #{i} name").decode("utf-8", "replace")
         n_dims = c.unpack("I", f"tensor {name!r} n_dims")
@@ -190,6 +195,7 @@ def parse_header(path: str, buf) -> Header:
         if offset % h.alignment:
             raise FormatError(path, f"tensor {name!r} data offset {offset} is not aligned to {h.alignment}")
         infos.append((name, dims, dt, offset, dt.nbytes(n_el)))
+    h.info_span = (info_start, c.pos)
     h.data_offset = -(-c.pos // h.alignment) * h.alignment if n_tensors else c.pos
     names = set()
     for name, dims, dt, offset, nbytes in infos:
@@ -201,7 +207,17 @@ def parse_header(path: str, buf) -> Header:
             raise FormatError(path, f"truncated GGUF: tensor {name!r} ({dt.name} {list(dims)}) needs bytes "
                                     f"up to {start + nbytes}, file has {c.end}")
         h.tensors.append(TensorInfo(name, dims, dt, start, nbytes))
+    _check_no_overlap(path, h.tensors)
     return h
+
+
+def _check_no_overlap(path: str, tensors: list) -> None:
+    """Two tensors sharing bytes: corrupt or crafted (llama.cpp itself refuses any layout other
+    than one tensor after another)."""
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors if t.nbytes)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise FormatError(path, f"tensors {n0!r} and {n1!r} overlap in the data section")
 
 
 def _f32(v) -> float:
@@ -306,12 +322,8 @@ def _config(kv: dict, arch_name: str, tensors: dict, path: str, strict: bool):
     return cfg, problems
 
 
-def read(path, *, strict: bool = True) -> Model:
-    """Open a GGUF file lazily: config and tokenizer from metadata, tensors as mmap views.
-
-    strict=False (inspect) shows files of architectures or settings wconv does not implement
-    as arch "unknown" with the reason in metadata["warnings"], instead of refusing them.
-    """
+def read_header(path) -> tuple[Header, int]:
+    """(parsed and checked Header, file size) of a GGUF file; reads no tensor data."""
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
@@ -326,6 +338,17 @@ def read(path, *, strict: bool = True) -> Model:
     # The header values are copies: this map of the whole file is not needed past here.
     view.release()
     mm.close()
+    return h, size
+
+
+def read(path, *, strict: bool = True) -> Model:
+    """Open a GGUF file lazily: config and tokenizer from metadata, tensors as mmap views.
+
+    strict=False (inspect) shows files of architectures or settings wconv does not implement
+    as arch "unknown" with the reason in metadata["warnings"], instead of refusing them.
+    """
+    path = os.fspath(path)
+    h, size = read_header(path)
     arch_name = _text(h.kv.get("general.architecture", b""))
     if not isinstance(arch_name, str):
         raise FormatError(path, "general.architecture is not a string")

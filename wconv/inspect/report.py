@@ -76,11 +76,19 @@ def _dtype_counts(tensors) -> dict:
     return counts
 
 
-def inspect_path(path, *, allow_unknown_globals: bool = False) -> dict:
+def inspect_path(path, *, allow_unknown_globals: bool = False, stats: bool = False, quiet: bool = True) -> dict:
+    """The report; with stats=True each tensor also gets value statistics (reads all tensor data)."""
     from ..convert.load import load_model
 
     model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
-    return report_for(model)
+    report = report_for(model)
+    if stats:
+        from .stats import model_stats
+
+        per_tensor = model_stats(model, quiet=quiet)
+        for entry in report["tensors"]:
+            entry["stats"] = per_tensor[entry["name"]]
+    return report
 
 
 # --- text rendering ----------------------------------------------------------------------
@@ -127,6 +135,8 @@ def format_text(report: dict) -> str:
         lines.append(f"tokenizer: {tok['model']}, {tok['n_tokens']} tokens"
                      + (f" (from {tok['source']})" if tok.get("source") else ""))
     lines += ["", _tensor_table(report.get("tensors") or [])]
+    lines += [f"no statistics for {t['name']}: {t['stats']['error']}" for t in report.get("tensors") or []
+              if "error" in t.get("stats", {})]
     lines.append(f"total: {report.get('n_tensors', 0)} tensors, {report.get('n_params', 0):,} params "
                  f"({_human_count(report.get('n_params', 0))}), {_human_bytes(report.get('n_bytes', 0))}"
                  + (f"; dtypes {', '.join(f'{k} x{v}' for k, v in report.get('dtypes', {}).items())}"
@@ -142,16 +152,28 @@ def format_text(report: dict) -> str:
     return "\n".join(lines)
 
 
+_STAT_COLUMNS = ("min", "max", "mean", "std", "nan", "inf", "zeros")
+
+
+def _stat_cells(stats: dict) -> tuple:
+    if "error" in stats:  # the reason is printed below the table
+        return ("n/a",) + ("-",) * (len(_STAT_COLUMNS) - 1)
+    return tuple("-" if stats[k] is None else (f"{stats[k]:.4g}" if isinstance(stats[k], float) else f"{stats[k]:,}")
+                 for k in _STAT_COLUMNS)
+
+
 def _tensor_table(tensors) -> str:
     if not tensors:
         return "(no tensors)"
-    rows = [("name", "dtype", "shape", "params", "bytes")]
+    with_stats = "stats" in tensors[0]
+    rows = [("name", "dtype", "shape", "params", "bytes") + (_STAT_COLUMNS if with_stats else ())]
     for t in tensors:
         rows.append((t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]",
-                     f"{t['n_params']:,}", f"{t['nbytes']:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+                     f"{t['n_params']:,}", f"{t['nbytes']:,}") + (_stat_cells(t["stats"]) if with_stats else ()))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for r in rows:
-        out.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  "
-                   f"{r[3]:>{widths[3]}}  {r[4]:>{widths[4]}}".rstrip())
+        cells = [f"{r[0]:<{widths[0]}}", f"{r[1]:<{widths[1]}}", f"{r[2]:<{widths[2]}}"]
+        cells += [f"{c:>{w}}" for c, w in zip(r[3:], widths[3:])]  # numbers right-aligned
+        out.append("  ".join(cells).rstrip())
     return "\n".join(out)
