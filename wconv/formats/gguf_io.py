@@ -367,6 +367,9 @@ def check_writable(model: Model, where: str) -> tuple[list, int]:
                                       f"{', '.join(arch.FAMILIES)})")
     if not model.tensors:
         raise UnsupportedError(where, "the model has no tensors (a vocab-only file?); nothing to convert")
+    why = fam.gguf_refusal(cfg)
+    if why:
+        raise UnsupportedError(where, why)
     if not (cfg.dim and cfg.n_heads and cfg.n_layers):
         raise UsageError(where, f"incomplete hyperparameters: dim={cfg.dim} n_heads={cfg.n_heads} "
                                 f"n_layers={cfg.n_layers}")
