@@ -41,8 +41,9 @@ from wconv.arch.family import Problems
 from wconv.arch.llama import META_SCALED_ROPE
 from wconv.convert.load import load_model
 from wconv.convert.save import convert
-from wconv.errors import UnsupportedError, WconvError
-from wconv.formats import gguf_io, safetensors_io
+from wconv.errors import UnsupportedError
+from wconv.formats import gguf_io
+from test_llamacpp_interop import llama_cpp, llama_cpp_logits  # noqa: F401  (a fixture and the F32-cache runner)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "fixtures", "arch")
@@ -62,17 +63,6 @@ def transformers():
 
     transformers.logging.set_verbosity_error()
     return transformers
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e})")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
 
 
 def prompt(vocab: int, bos: int = 1, n: int = PROMPT_LEN) -> list:
@@ -106,16 +96,6 @@ def _hf_logits(directory, tokens, dtype_name, overrides):
 def hf_logits(directory, tokens, dtype="float64", **overrides) -> np.ndarray:
     """transformers' logits (eager attention; float64 is the truth the others are held to)."""
     return _hf_logits(os.fspath(directory), tuple(tokens), dtype, tuple(sorted(overrides.items())))
-
-
-def llama_cpp_logits(llama_cpp, path, tokens) -> np.ndarray:
-    llm = llama_cpp.Llama(model_path=os.fspath(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
-    try:
-        llm.eval(list(tokens))
-        return np.array(llm.scores[:len(tokens)], dtype=np.float64)
-    finally:
-        llm.close()
 
 
 def report(label, err, tol):
@@ -590,7 +570,8 @@ def test_cli_refusal_is_one_line_and_writes_nothing(transformers, tmp_path):
     r = subprocess.run([sys.executable, "-c", "from wconv.cli import main; main()", "convert", str(tmp_path / "m"),
                         str(out)], capture_output=True, text=True)
     assert r.returncode != 0 and not out.exists()
-    assert r.stderr.count("\n") == 1 and "MixtralForCausalLM is not supported (Mixture-of-Experts)" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "MixtralForCausalLM is not supported (Mixture-of-Experts)" in r.stderr
 
 
 def _llama_named_dir(tmp_path, config: dict, fixture="hf-llama32-tied"):
@@ -604,9 +585,9 @@ def _llama_named_dir(tmp_path, config: dict, fixture="hf-llama32-tied"):
 
 def _config_of(transformers, cls, fixture, **overrides):
     base = json.load(open(os.path.join(FIX, fixture, "config.json")))
-    keep = {k: v for k, v in base.items() if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                                    "num_attention_heads", "num_key_value_heads",
-                                                    "tie_word_embeddings", "head_dim")}
+    keep = {k: v for k, v in base.items() if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                    "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "tie_word_embeddings", "head_dim")}
     return getattr(transformers, cls)(**{**keep, **overrides}).to_dict()
 
 
@@ -728,7 +709,8 @@ def _toy_mixtral_family():
                         "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.block_sparse_moe.gate.weight",
                         **{part(t): f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight"
                            for t, w in experts.items()}}}
-        hparam_keys = {"hf": {**HF_KEYS, "n_experts": ("num_local_experts",), "n_experts_used": ("num_experts_per_tok",)}}
+        hparam_keys = {"hf": {**HF_KEYS, "n_experts": ("num_local_experts",),
+                              "n_experts_used": ("num_experts_per_tok",)}}
         rope_scalings = ("linear", "llama3")
 
         def refusals(self, layout, side):
@@ -794,3 +776,59 @@ def test_a_mixture_of_experts_family_fits_the_spec(transformers, llama_cpp, monk
     got = llama_cpp_logits(llama_cpp, gguf, toks)  # llama.cpp runs it as its own Mixtral
     want = hf_logits(src, toks, "float32")  # (transformers' grouped expert matmul has no float64)
     report("toy Mixtral module: llama.cpp vs transformers", rel(got, want), TOL)
+
+
+# --- llama.cpp's own converter --------------------------------------------------------------------
+
+_RUN_CONVERTER = r"""
+import runpy, sys
+llama_dir, src, out = sys.argv[1:4]
+sys.path[:0] = [llama_dir, llama_dir + "/gguf-py"]
+import conversion
+real = conversion.get_model_class
+def get_model_class(name, mmproj=False):  # the fixtures have no tokenizer: write no_vocab instead
+    cls = real(name, mmproj)
+    return type(cls.__name__, (cls,), {"model_arch": cls.model_arch,
+                                       "set_vocab": lambda self: self.gguf_writer.add_tokenizer_model("no_vocab")})
+conversion.get_model_class = get_model_class
+sys.argv = ["convert_hf_to_gguf.py", src, "--outfile", out, "--outtype", "f32"]
+runpy.run_path(llama_dir + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("name", HF_FIXTURES)
+def test_tensors_equal_llama_cpp_converter(outputs, tmp_path, name):
+    """Our f32 GGUF holds the very tensors llama.cpp's convert_hf_to_gguf.py writes (Gemma's 1 + w
+    norms, Qwen2's biases, the llama q/k permutation); rope_freqs to 1 float32 ulp (we compute the
+    frequencies in float64). Needs a llama.cpp checkout: WCONV_LLAMA_CPP_DIR (e.g. the vendor/llama.cpp
+    of the llama-cpp-python 0.3.36 sdist); skipped otherwise."""
+    llama_dir = os.environ.get("WCONV_LLAMA_CPP_DIR")
+    if not llama_dir or not os.path.isfile(os.path.join(llama_dir, "convert_hf_to_gguf.py")):
+        pytest.skip("WCONV_LLAMA_CPP_DIR does not point at a llama.cpp checkout")
+    theirs = os.path.join(tmp_path, "theirs.gguf")
+    r = subprocess.run([sys.executable, "-c", _RUN_CONVERTER, llama_dir, os.path.join(FIX, name), theirs],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = gguf_io.read(theirs, strict=False), gguf_io.read(outputs(name, "gguf"))
+    assert a.metadata["general.architecture"] == b.metadata["general.architecture"]
+    from gguf import GGUFReader
+
+    ta = {t.name: t for t in GGUFReader(theirs).tensors}
+    tb = {t.name: t for t in GGUFReader(outputs(name, "gguf")).tensors}
+    assert set(ta) == set(tb)
+    for n in ta:
+        assert list(ta[n].shape) == list(tb[n].shape) and ta[n].tensor_type == tb[n].tensor_type, n
+        if n == "rope_freqs.weight":
+            np.testing.assert_allclose(ta[n].data, tb[n].data, rtol=2.4e-7)
+        else:
+            assert ta[n].data.tobytes() == tb[n].data.tobytes(), n
+    arch_name = a.metadata["general.architecture"]
+    for key, value in a.metadata.items():  # every hyperparameter their file states, ours states alike
+        if key.startswith(arch_name + ".") and key not in (f"{arch_name}.attention.key_length",
+                                                           f"{arch_name}.attention.value_length"):
+            assert b.metadata.get(key) == value, key
+    # and wconv reads llama.cpp's own file as the source model (its rope_freqs back into llama3 parameters)
+    # (llama.cpp's converter drops Mistral's window: that file equals the source only within it)
+    windowed = source(name).config.sliding_window
+    assert wconv.parity(os.path.join(FIX, name), theirs, tokens=None if windowed else tokens_for(name))["ok"]

@@ -28,7 +28,8 @@ KNOWN_UNSUPPORTED_HF = {
     "Qwen3MoeForCausalLM": "Mixture-of-Experts", "GraniteMoeForCausalLM": "Mixture-of-Experts",
     "Gemma2ForCausalLM": "logit soft-capping and sliding-window layers",
     "Gemma3ForCausalLM": "sliding-window layers and q/k norms", "Phi3ForCausalLM": "fused qkv / gate_up, longrope",
-    "GraniteForCausalLM": "embedding/residual/attention/logit multipliers", "CohereForCausalLM": "logit scale, LayerNorm",
+    "GraniteForCausalLM": "embedding/residual/attention/logit multipliers",
+    "CohereForCausalLM": "logit scale, LayerNorm",
     "Cohere2ForCausalLM": "logit scale, LayerNorm, sliding-window layers", "Qwen3ForCausalLM": "q/k norms",
 }
 

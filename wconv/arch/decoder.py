@@ -64,7 +64,8 @@ GGUF_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_
 
 # (original context, low_freq_factor, high_freq_factor) settings tried first when a GGUF rope_freqs
 # table is turned back into llama3 parameters: Llama 3.1-3.3's, then other round ones.
-_LLAMA3_SETTINGS = ((8192, 1.0, 4.0),) + tuple((2 ** k, low, high) for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0))
+_LLAMA3_SETTINGS = ((8192, 1.0, 4.0),) + tuple((2 ** k, low, high)
+                                               for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0))
                                                for k in range(2, 21))
 
 
@@ -379,7 +380,8 @@ class Decoder(Family):
             refuse(problems, f"rope_freqs.weight has {factors.size} values, expected head_dim/2 = {cfg.head_dim // 2}")
             return cfg
         if "llama3" not in self.rope_scalings:
-            refuse(problems, f"rope_freqs.weight: llama.cpp's {self.gguf_arch} graph does not apply a RoPE factor table")
+            refuse(problems, f"rope_freqs.weight: llama.cpp's {self.gguf_arch} graph does not apply a RoPE "
+                             "factor table")
             return cfg
         inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
         if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
