@@ -14,7 +14,7 @@ Writing: header, metadata and tensor infos first, then tensor data one tensor at
 time (GGUFWriter's `add_tensor_info` / `write_tensor_data` path), so only one
 tensor is in memory. Element types: see wconv/quant.py (1-D tensors F32; `dtype`
 f32|f16|bf16|q8_0|q4_0 for matrices; default keeps each matrix's type).
-Architectures `llama` and `gpt2` with the metadata llama.cpp's loaders read.
+Architectures: each family's `gguf_metadata` (wconv/arch/; llama, qwen2, gemma, gpt2).
 A tied classifier is written without `output.weight` (llama.cpp then reuses
 `token_embd.weight`). A model without a tokenizer gets `tokenizer.ggml.model =
 "no_vocab"` plus `{arch}.vocab_size`: llama.cpp then loads it with placeholder
