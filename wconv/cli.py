@@ -1,6 +1,7 @@
 """The `wconv` command line. Every subcommand is a thin layer over the library."""
 from __future__ import annotations
 
+import inspect as _inspect_doc
 import json
 import os
 import signal
@@ -8,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, arch
 from .errors import WconvError
 
 
@@ -64,6 +65,9 @@ def main():
         signal.signal(signal.SIGHUP, _raise_interrupt)
     if hasattr(signal, "SIGXFSZ"):  # file-size limit: get EFBIG instead of dying mid-write
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+main.help = f"{_inspect_doc.cleandoc(main.help)}\n\nArchitectures: {arch.summary()}."  # from the registry, wconv/arch/
 
 
 def _llama2c_options(fn):

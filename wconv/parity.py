@@ -45,7 +45,7 @@ import types
 
 import numpy as np
 
-from . import dtypes
+from . import arch, dtypes
 from .errors import UsageError
 from .model import Model
 from .reference import check_tokens, forward
@@ -191,7 +191,7 @@ def compare(a, b, *, tokens=None, random_tokens=None, seed=0, atol=None, float64
     where = mb.path or ma.path or None
     if ma.config.vocab_size != mb.config.vocab_size:
         raise UsageError(where, f"vocabulary sizes differ: {ma.config.vocab_size} vs {mb.config.vocab_size}")
-    if ma.config.arch != mb.config.arch:
+    if not arch.comparable(ma.config.arch, mb.config.arch):  # Mistral read back as llama is comparable
         raise UsageError(where, f"architectures differ: {ma.config.arch} vs {mb.config.arch}")
     if tokens is not None and random_tokens is not None:
         raise UsageError(where, "pass either prompt tokens or random tokens, not both")

@@ -25,9 +25,12 @@ for _m in _MODULES:
 # Architectures people ask about that wconv knowingly does not implement, with why (for messages).
 KNOWN_UNSUPPORTED_HF = {
     "MixtralForCausalLM": "Mixture-of-Experts", "Qwen2MoeForCausalLM": "Mixture-of-Experts",
+    "Qwen3MoeForCausalLM": "Mixture-of-Experts", "GraniteMoeForCausalLM": "Mixture-of-Experts",
     "Gemma2ForCausalLM": "logit soft-capping and sliding-window layers",
     "Gemma3ForCausalLM": "sliding-window layers and q/k norms", "Phi3ForCausalLM": "fused qkv / gate_up, longrope",
-    "GraniteForCausalLM": "embedding/residual/attention/logit multipliers", "CohereForCausalLM": "logit scale, LayerNorm",
+    "GraniteForCausalLM": "embedding/residual/attention/logit multipliers",
+    "CohereForCausalLM": "logit scale, LayerNorm",
+    "Cohere2ForCausalLM": "logit scale, LayerNorm, sliding-window layers", "Qwen3ForCausalLM": "q/k norms",
 }
 
 
@@ -71,6 +74,19 @@ def by_gguf(arch: str) -> Family | None:
 
 # GGUF arch names shared by several families (Mistral is written as llama): reading them back gives this one.
 _GGUF_PRIMARY = {"llama": "llama"}
+
+
+def comparable(a: str, b: str) -> bool:
+    """Whether models of arch names a and b run the same reference math (the same family, or
+    Mistral and Llama: a Mistral GGUF without a window reads back as llama)."""
+    fa, fb = FAMILIES.get(a), FAMILIES.get(b)
+    return a == b or (fa is not None and fb is not None and fa.math_key() == fb.math_key())
+
+
+def summary() -> str:
+    """One line naming every family and what it is read from, for --help and messages."""
+    return "; ".join(f"{fam.long_title or fam.title} ({', '.join(fam.hf_classes + fam.other_sources)})"
+                     for fam in FAMILIES.values())
 
 
 def supported_hf() -> str:

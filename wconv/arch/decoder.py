@@ -8,6 +8,8 @@ convention. Each family module (llama.py, mistral.py, ...) sets those and its na
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import nn
@@ -57,11 +59,14 @@ HF_NEUTRAL = {"attention_bias": (False, None), "mlp_bias": (False, None), "logit
 GGUF_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
              "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "rope.freq_base",
              "rope.dimension_count", "vocab_size", "attention.key_length", "attention.value_length",
-             "rope.scaling.type", "rope.scaling.factor", "attention.sliding_window", "expert_count",
-             "expert_used_count")
+             "rope.scaling.type", "rope.scaling.factor", "rope.scale_linear", "attention.sliding_window",
+             "expert_count", "expert_used_count")
 
-LLAMA3_CANDIDATES = tuple({"type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                           "original_max_position_embeddings": 8192} for f in (8.0, 16.0, 32.0))
+# (original context, low_freq_factor, high_freq_factor) settings tried first when a GGUF rope_freqs
+# table is turned back into llama3 parameters: Llama 3.1-3.3's, then other round ones.
+_LLAMA3_SETTINGS = ((8192, 1.0, 4.0),) + tuple((2 ** k, low, high)
+                                               for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0))
+                                               for k in range(2, 21))
 
 
 def hf_rope(c: dict) -> tuple:
@@ -76,6 +81,8 @@ def hf_rope(c: dict) -> tuple:
     if params and "full_attention" in params and isinstance(params["full_attention"], dict):
         spec = params["full_attention"]
     kind = spec.get("rope_type", spec.get("type"))
+    if spec.get("partial_rotary_factor") not in (None, 1, 1.0):
+        return theta, None, f"partial_rotary_factor = {spec['partial_rotary_factor']!r:.40} (partial rotary)"
     if kind in (None, "default"):
         if c.get("rope_scaling") not in (None, {}) and not isinstance(c.get("rope_scaling"), dict):
             return theta, None, f"rope_scaling {c['rope_scaling']!r:.60} is not understood"
@@ -111,6 +118,9 @@ class Decoder(Family):
     norm_plus_one = False  # HF stores RMSNorm weights w with y = x·(1 + w); GGUF stores 1 + w (Gemma)
     hf_activations = ("silu",)
     default_rope_theta = 10000.0
+    # RoPE scalings llama.cpp's graph for this family applies: linear (rope.scaling.factor, read for
+    # every architecture) and llama3 (a rope_freqs tensor, which only its llama graph passes to ggml_rope_ext)
+    rope_scalings = ("linear",)
 
     # --- names and shapes ------------------------------------------------------------------
     def present(self, name, cfg):
@@ -153,16 +163,28 @@ class Decoder(Family):
         if layout != "hf":
             return []
         out = []
-        _, _, why = hf_rope(side)
+        _, scaling, why = hf_rope(side)
         if why:
             out.append(why)
-        act = side.get("hidden_activation") or side.get("hidden_act")
-        if act is not None and act not in self.hf_activations:
-            out.append(f"hidden_act {act!r} (wconv implements {', '.join(self.hf_activations)} for {self.title})")
+        elif scaling and scaling["type"] not in self.rope_scalings:
+            out.append(f"RoPE scaling of type {scaling['type']!r} (llama.cpp's {self.gguf_arch} applies "
+                       f"{' and '.join(self.rope_scalings)} only)")
+        out += self.hf_activation_refusals(side)
         for key, neutral in HF_NEUTRAL.items():
             if key in side and side[key] not in neutral:
                 out.append(f"{key} = {side[key]!r:.60}")
+        layer_types = side.get("layer_types")
+        if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+            kinds = sorted({str(t) for t in layer_types if t != "full_attention"})
+            out.append(f"layer_types {', '.join(kinds)[:60]} (per-layer attention kinds)")
         return out
+
+    def hf_activation_refusals(self, side) -> list:
+        """transformers 4.x and 5.x both run ACT2FN[hidden_act] in the MLP of these families."""
+        act = side.get("hidden_act")
+        if act is not None and act not in self.hf_activations:
+            return [f"hidden_act {act!r:.40} (wconv implements {', '.join(self.hf_activations)} for {self.title})"]
+        return []
 
     def build_config(self, canon, declared, layout, problems):
         emb = canon["token_embd.weight"]
@@ -207,8 +229,8 @@ class Decoder(Family):
                 problems.hparam_problem(FormatError, f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
         max_seq_len = declared.get("max_seq_len")
         if max_seq_len is None:
-            max_seq_len = self.default_context(layout)
-            problems.notes.append(f"max_seq_len not stated; using {max_seq_len}")
+            max_seq_len, why = self.default_context(layout, declared)
+            problems.notes.append(f"max_seq_len not stated; using {max_seq_len} ({why})")
         tie = "output.weight" not in canon
         return Config(arch=self.name, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
                       vocab_size=vocab, hidden_dim=hidden, max_seq_len=int(max_seq_len),
@@ -217,8 +239,9 @@ class Decoder(Family):
                       head_width=head_width, rope_scaling=declared.get("rope_scaling"),
                       sliding_window=int(declared.get("sliding_window") or 0))
 
-    def default_context(self, layout) -> int:
-        return 2048  # Meta's ModelArgs default; params.json usually omits it
+    def default_context(self, layout, declared) -> tuple[int, str]:
+        """(context length, why) when the checkpoint does not state one (Meta's params.json never does)."""
+        return 2048, "Meta's ModelArgs default"
 
     # --- layout fix-ups --------------------------------------------------------------------
     def from_layout(self, canon, cfg, layout, problems):
@@ -288,13 +311,18 @@ class Decoder(Family):
         if key_len and rot and rot != key_len or count("attention.value_length") not in (0, key_len or 0):
             refuse(problems, "partial rotary or unequal key/value head widths are not supported")
         scaling = None
-        stype = get("rope.scaling.type", None)
-        stype = stype.decode() if isinstance(stype, bytes) else stype
-        if stype not in (None, "none", b"none"):
-            if stype == "linear" and get("rope.scaling.factor", 0):
-                scaling = {"type": "linear", "factor": float(get("rope.scaling.factor"))}
-            else:
-                refuse(problems, f"{a}.rope.scaling.type {stype!r} is not implemented (wconv implements linear)")
+        stype = kv.get(f"{a}.rope.scaling.type")
+        stype = stype.decode("utf-8", "replace") if isinstance(stype, bytes) else stype
+        factor = get("rope.scaling.factor", 0) or get("rope.scale_linear", 0)
+        if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor < 0:
+            refuse(problems, f"{a}.rope.scaling.factor {factor!r:.40} is not a usable number")
+        elif stype in (None, "linear"):
+            # llama.cpp's default type is linear and it reads the factor whatever else is stated
+            if factor and factor != 1:
+                scaling = {"type": "linear", "factor": f32(factor)}
+        elif stype != "none":  # "none": llama.cpp never scales
+            refuse(problems, f"{a}.rope.scaling.type {stype!r:.40} is not implemented (wconv implements linear, "
+                             "and llama3 as a rope_freqs tensor)")
         eps = get("attention.layer_norm_rms_epsilon") or 1e-5
         vocab = count("vocab_size") or (emb.shape[0] if emb is not None else 0)
         return Config(arch=self.name, dim=dim, n_layers=count("block_count"), n_heads=n_heads,
@@ -302,7 +330,12 @@ class Decoder(Family):
                       hidden_dim=count("feed_forward_length"), max_seq_len=count("context_length"),
                       norm_eps=f32(eps), rope_theta=f32(get("rope.freq_base") or self.default_rope_theta),
                       tie_embeddings=bool(tensors) and "output.weight" not in tensors, head_width=head_width,
-                      rope_scaling=scaling)
+                      rope_scaling=scaling, sliding_window=self.gguf_sliding_window(kv, problems))
+
+    def gguf_sliding_window(self, kv, problems) -> int:
+        """The attention window a GGUF records, for families that have one (others: llama.cpp's
+        graph for them attends over everything, and so does the model as read)."""
+        return 0
 
     def gguf_metadata(self, cfg, n_ctx, n_vocab):
         out = [("context_length", n_ctx, "UINT32"), ("embedding_length", cfg.dim, "UINT32"),
@@ -346,12 +379,18 @@ class Decoder(Family):
         if factors.size != cfg.head_dim // 2:
             refuse(problems, f"rope_freqs.weight has {factors.size} values, expected head_dim/2 = {cfg.head_dim // 2}")
             return cfg
+        if "llama3" not in self.rope_scalings:
+            refuse(problems, f"rope_freqs.weight: llama.cpp's {self.gguf_arch} graph does not apply a RoPE "
+                             "factor table")
+            return cfg
         inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
-        for cand in LLAMA3_CANDIDATES:  # llama.cpp's converter wrote these from a llama3 rope_scaling
-            if np.allclose(nn.rope_factors(inv, cand), factors, rtol=1e-6, atol=0):
-                cfg.rope_scaling = dict(cand)
-                return cfg
-        cfg.rope_scaling = {"type": "freq_factors", "factors": [float(x) for x in factors]}
+        if not (np.all(np.isfinite(factors)) and np.all(factors > 0)):
+            refuse(problems, "rope_freqs.weight holds values that are not positive finite numbers")
+            return cfg
+        if np.all(factors == 1):
+            return cfg  # an identity table: plain RoPE
+        cfg.rope_scaling = llama3_from_factors(inv, factors) or {"type": "freq_factors",
+                                                                 "factors": [float(x) for x in factors]}
         return cfg
 
     # --- Hugging Face ----------------------------------------------------------------------
@@ -379,6 +418,10 @@ class Decoder(Family):
         if not c.n_heads or c.n_heads % n_kv or c.head_dim % 2:
             raise UnsupportedError(where, f"config does not fit together: dim {c.dim}, n_heads {c.n_heads}, "
                                           f"n_kv_heads {c.n_kv_heads}, head_dim {c.head_dim}")
+
+    def math_key(self):
+        # what forward() branches on: Llama and Mistral (window in Config) compute the same function
+        return ("decoder", self.rope_style, self.qkv_bias, self.activation, self.embed_scale)
 
     def forward(self, model, toks, dt):
         c = model.config
@@ -412,6 +455,43 @@ class Decoder(Family):
         x = nn.rms_norm(x, W("output_norm.weight"), c.norm_eps, dt)
         cls = "output.weight" if model.get("output.weight") is not None else "token_embd.weight"
         return x @ W(cls).T
+
+
+def llama3_from_factors(inv: np.ndarray, factors: np.ndarray, rtol: float = 1e-5) -> dict | None:
+    """The llama3 rope_scaling whose per-frequency divisors (at inverse frequencies `inv`) are
+    `factors` - a GGUF rope_freqs table as llama.cpp's converter computes it - or None.
+
+    The divisors depend on factor and on two wavelength thresholds only, original/low and
+    original/high, so any parameters with the same ratios give the same model: common settings
+    are tried first, then the thresholds are solved from the interpolated (medium) band.
+    """
+    f = np.asarray(factors, dtype=np.float64)
+    big = float(f.max())
+    if not big > 1:
+        return None
+
+    def fits(c):
+        return np.allclose(nn.rope_factors(inv, c), f, rtol=rtol, atol=0)
+
+    for old, low, high in _LLAMA3_SETTINGS:
+        c = {"type": "llama3", "factor": f32(big), "low_freq_factor": low, "high_freq_factor": high,
+             "original_max_position_embeddings": old}
+        if fits(c):
+            return c
+    # medium band: s = (1/f - 1/F) / (1 - 1/F) = (L/wavelen - 1) / (L/H - 1) with L = original/low,
+    # H = original/high; linear in (L, L/H), so two medium frequencies determine it.
+    wavelen = 2 * math.pi / inv
+    medium = (f > 1 + rtol) & (f < big * (1 - rtol))
+    if medium.sum() < 2:
+        return None
+    s = (1 / f[medium] - 1 / big) / (1 - 1 / big)
+    (L, ratio), *_ = np.linalg.lstsq(np.stack([1 / wavelen[medium], -s], axis=1), 1 - s, rcond=None)
+    if not (L > 0 and ratio > 1):
+        return None
+    old = max(1, int(round(L)))
+    c = {"type": "llama3", "factor": f32(big), "low_freq_factor": old / L, "high_freq_factor": old * ratio / L,
+         "original_max_position_embeddings": old}
+    return c if fits(c) else None
 
 
 def f32(v) -> float:

@@ -30,12 +30,20 @@ def template_of(canonical: str) -> tuple[str, int | None]:
     return "blk.{i}." + canonical[m.end():], int(m.group(1))
 
 
-def fill(template: str, i) -> str:
-    return template.replace("{i}", str(i)) if i is not None else template
+def fill(template: str, i, e=None) -> str:
+    """Template with its block index `{i}` (and expert index `{e}`, for per-expert source names) filled."""
+    out = template.replace("{i}", str(i)) if i is not None else template
+    return out.replace("{e}", str(e)) if e is not None else out
+
+
+_INDEX = re.compile(r"(\{[ie]\})")
 
 
 def _pattern(template: str) -> re.Pattern:
-    return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
+    """Regex of a layout template: `{i}` (block) and `{e}` (expert) become named digit groups."""
+    parts = _INDEX.split(template)
+    return re.compile("^" + "".join(f"(?P<{p[1]}>\\d+)" if _INDEX.fullmatch(p) else re.escape(p) for p in parts)
+                      + "$")
 
 
 def short_list(items, n: int = 4) -> str:
@@ -73,6 +81,8 @@ class Family:
 
     name = ""  # Config.arch
     title = ""  # for messages
+    long_title = ""  # for the list of supported architectures (versions included); title when empty
+    other_sources: tuple = ()  # non-HF layouts it is read from, for that list
     gguf_arch = ""  # general.architecture
     hf_classes: tuple = ()  # config.json "architectures" this family converts
     hf_model_types: tuple = ()  # config.json "model_type"
@@ -98,7 +108,8 @@ class Family:
         for pat, canon in self._reverse(layout):
             m = pat.match(name)
             if m:
-                return fill(canon, m.group(1)) if m.groups() else canon
+                index = m.groupdict()
+                return fill(canon, index.get("i"), index.get("e"))
         return None
 
     def from_canonical(self, name: str, layout: str) -> str | None:
@@ -191,9 +202,14 @@ class Family:
         """Tensors GGUF needs that the checkpoint does not hold (canonical name -> LazyTensor)."""
         return {}
 
-    def gguf_cannot_hold(self, cfg: Config) -> list[str]:
-        """Properties a GGUF reader (llama.cpp) will not see, each with what it sees instead."""
+    def gguf_cannot_hold(self, cfg: Config, runtime: str = "llama.cpp") -> list[str]:
+        """Properties `runtime` (llama.cpp for GGUF / GGJT, llama2.c's run.c for .bin) will not
+        apply, each with what it does instead: warnings, the file itself carries what it can."""
         return []
+
+    def gguf_refusal(self, cfg: Config) -> str | None:
+        """Why llama.cpp's loader for this family cannot hold a model of `cfg` at all (None: it can)."""
+        return None
 
     # --- Hugging Face ----------------------------------------------------------------------
     def hf_config(self, cfg: Config) -> dict:
@@ -202,6 +218,11 @@ class Family:
     # --- reference -----------------------------------------------------------------------
     def forward(self, model, toks, dt):
         raise NotImplementedError
+
+    def math_key(self) -> tuple:
+        """Families with equal keys compute the same function of the same Config (Mistral and
+        Llama), so a model of one may be compared with its conversion read back as the other."""
+        return (self.name,)
 
     def check_reference(self, cfg: Config, where) -> None:
         """Refuse configs whose math the reference does not implement."""

@@ -58,6 +58,7 @@ GGUF_KEYS = ("context_length", "embedding_length", "block_count", "feed_forward_
 class GPT2(Family):
     name = "gpt2"
     title = "GPT-2"
+    other_sources = ("nanoGPT",)
     hf_special_ids = (50256, 50256)
     gguf_arch = "gpt2"
     hf_classes = ("GPT2LMHeadModel",)
@@ -182,7 +183,7 @@ class GPT2(Family):
                 ("attention.head_count", cfg.n_heads, "UINT32"), ("attention.head_count_kv", cfg.n_heads, "UINT32"),
                 ("attention.layer_norm_epsilon", float(cfg.norm_eps), "FLOAT32"), ("vocab_size", n_vocab, "UINT32")]
 
-    def gguf_cannot_hold(self, cfg):
+    def gguf_cannot_hold(self, cfg, runtime="llama.cpp"):
         if cfg.gelu == "erf":
             return ["GELU: the model uses the exact erf form (nanoGPT's nn.GELU); llama.cpp computes GPT-2's "
                     "MLP with the tanh approximation"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numbers
 
 from .decoder import HF_KEYS, HF_NAMES, Decoder
+from .family import refuse
 
 META_NAMES = {
     "token_embd.weight": "tok_embeddings.weight",
@@ -40,6 +41,12 @@ META_SHARD_AXIS = {
 META_SCALED_ROPE = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192}
 
+# params.json keys of Meta's Llama 4 code (llama-models models/llama4/args.py) that change its RoPE.
+META_LLAMA4_ROPE = {"rope_scaling_factor", "rope_high_freq_factor"}
+# Context length of Meta's scaled-RoPE models (Llama 3.1 / 3.2 / 3.3 model cards: 128K), which
+# params.json does not state; transformers' converter writes the same max_position_embeddings.
+META_SCALED_ROPE_CONTEXT = 131072
+
 # params.json keys that do not change the math, beyond the ones read as hyperparameters.
 META_INERT = {"multiple_of", "ffn_dim_multiplier", "max_batch_size", "model_parallel_size"}
 # llama.c model_args / llama2.c ModelArgs keys that do not change the math.
@@ -49,6 +56,8 @@ LLAMA2C_INERT = {"multiple_of", "dropout", "max_batch_size"}
 class Llama(Decoder):
     name = "llama"
     title = "Llama"
+    long_title = "Llama 1 / 2 / 3 / 3.1 / 3.2 / 3.3"
+    other_sources = ("Meta consolidated.NN.pth + params.json", "llama2.c")
     hf_special_ids = (1, 2)
     gguf_arch = "llama"
     hf_classes = ("LlamaForCausalLM",)
@@ -56,6 +65,7 @@ class Llama(Decoder):
     hf_class = "LlamaForCausalLM"
     hf_model_type = "llama"
     llama2c = True
+    rope_scalings = ("linear", "llama3")
     names = {"meta": META_NAMES, "llama2c-ckpt": META_NAMES, "hf": HF_NAMES}
     hparam_keys = {
         "meta": {"dim": ("dim",), "n_layers": ("n_layers",), "n_heads": ("n_heads",), "n_kv_heads": ("n_kv_heads",),
@@ -71,23 +81,23 @@ class Llama(Decoder):
     def declared(self, layout, side, problems, where):
         d = super().declared(layout, side, problems, where)
         if layout == "meta" and side.get("use_scaled_rope") is True:
-            scaling = dict(META_SCALED_ROPE)
-            for key, field in (("rope_scaling_factor", "factor"), ("scale_factor", "factor"),
-                               ("high_freq_factor", "high_freq_factor"), ("low_freq_factor", "low_freq_factor")):
-                if isinstance(side.get(key), numbers.Real) and not isinstance(side.get(key), bool):
-                    scaling[field] = float(side[key])
-            d["rope_scaling"] = scaling
+            # llama-models' Llama 3 code applies these fixed constants whenever use_scaled_rope is set
+            # (3.1, 3.2 and 3.3 alike; transformers' converter writes factor 32 for 3.2 on its own account)
+            d["rope_scaling"] = dict(META_SCALED_ROPE)
         return d
 
     def refusals(self, layout, side):
         out = super().refusals(layout, side)
         if layout == "meta":
             known = set(self.hparam_keys["meta"].values()) | {("use_scaled_rope",)}
-            known = {k for keys in known for k in keys} | META_INERT | {"rope_scaling_factor", "high_freq_factor",
-                                                                        "low_freq_factor", "scale_factor"}
+            known = {k for keys in known for k in keys} | META_INERT
             if side.get("use_scaled_rope") not in (None, True, False):
                 out.append(f"params.json use_scaled_rope = {side['use_scaled_rope']!r:.40}")
-            odd = sorted(k for k in side if k not in known)
+            llama4 = sorted(k for k in side if k in META_LLAMA4_ROPE)
+            if llama4:
+                out.append(f"params.json {', '.join(llama4)} (Llama 4's RoPE settings, which Meta's Llama 3 code "
+                           "ignores and its Llama 4 code applies)")
+            odd = sorted(k for k in side if k not in known and k not in META_LLAMA4_ROPE)
             if odd:
                 out.append(f"params.json field(s) {', '.join(odd[:4])} (e.g. Mixture-of-Experts, vision or "
                            "quantisation settings), which wconv does not implement")
@@ -97,6 +107,26 @@ class Llama(Decoder):
             if odd:
                 out.append(f"model_args {', '.join(odd[:4])}, which wconv does not implement")
         return out
+
+    def default_context(self, layout, declared):
+        if layout == "meta" and declared.get("rope_scaling") == META_SCALED_ROPE:
+            return META_SCALED_ROPE_CONTEXT, "Meta's Llama 3.1-3.3 context, use_scaled_rope"
+        return super().default_context(layout, declared)
+
+    def gguf_config(self, kv, tensors, problems):
+        cfg = super().gguf_config(kv, tensors, problems)
+        if cfg.sliding_window:  # a Mistral with a window, as wconv writes it (llama.cpp ignores the key)
+            cfg.arch = "mistral"
+            problems.notes.append(f"llama.attention.sliding_window = {cfg.sliding_window}: read as Mistral with "
+                                  "that attention window (llama.cpp itself attends over the whole context)")
+        return cfg
+
+    def gguf_sliding_window(self, kv, problems):
+        v = kv.get("llama.attention.sliding_window", 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            refuse(problems, f"llama.attention.sliding_window is {v!r:.40}, expected a whole number")
+            return 0
+        return v
 
     def meta_hidden_note(self, canon, params, problems):
         """Meta's FFN width rule; a mismatch is only noted (the shapes are the truth)."""

@@ -19,7 +19,8 @@ class Mistral(Decoder):
     hf_model_types = ("mistral",)
     hf_class = "MistralForCausalLM"
     hf_model_type = "mistral"
-    llama2c = True
+    llama2c = True  # run.c computes Llama's math: the window is named in a warning, like for llama.cpp
+    rope_scalings = ("linear", "llama3")
     names = {"hf": HF_NAMES}
     hparam_keys = {"hf": {**HF_KEYS, "sliding_window": ("sliding_window",)}}
 
@@ -29,9 +30,9 @@ class Mistral(Decoder):
             out.append(("attention.sliding_window", cfg.sliding_window, "UINT32"))
         return out
 
-    def gguf_cannot_hold(self, cfg):
+    def gguf_cannot_hold(self, cfg, runtime="llama.cpp"):
         if cfg.sliding_window and cfg.sliding_window < cfg.max_seq_len:
-            return [f"sliding_window {cfg.sliding_window}: llama.cpp attends over the whole context (transformers "
+            return [f"sliding_window {cfg.sliding_window}: {runtime} attends over the whole context (transformers "
                     f"within {cfg.sliding_window} tokens), so results differ only beyond that many tokens"]
         return []
 

@@ -11,6 +11,7 @@ from .decoder import HF_KEYS, HF_NAMES, Decoder
 class Qwen2(Decoder):
     name = "qwen2"
     title = "Qwen2"
+    long_title = "Qwen2 / Qwen2.5"
     gguf_arch = "qwen2"
     hf_classes = ("Qwen2ForCausalLM",)
     hf_model_types = ("qwen2",)

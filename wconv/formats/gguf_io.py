@@ -14,7 +14,7 @@ Writing: header, metadata and tensor infos first, then tensor data one tensor at
 time (GGUFWriter's `add_tensor_info` / `write_tensor_data` path), so only one
 tensor is in memory. Element types: see wconv/quant.py (1-D tensors F32; `dtype`
 f32|f16|bf16|q8_0|q4_0 for matrices; default keeps each matrix's type).
-Architectures `llama` and `gpt2` with the metadata llama.cpp's loaders read.
+Architectures: each family's `gguf_metadata` (wconv/arch/; llama, qwen2, gemma, gpt2).
 A tied classifier is written without `output.weight` (llama.cpp then reuses
 `token_embd.weight`). A model without a tokenizer gets `tokenizer.ggml.model =
 "no_vocab"` plus `{arch}.vocab_size`: llama.cpp then loads it with placeholder
@@ -391,6 +391,9 @@ def check_writable(model: Model, where: str) -> tuple[list, int]:
                                       f"{', '.join(arch.FAMILIES)})")
     if not model.tensors:
         raise UnsupportedError(where, "the model has no tensors (a vocab-only file?); nothing to convert")
+    why = fam.gguf_refusal(cfg)
+    if why:
+        raise UnsupportedError(where, why)
     if not (cfg.dim and cfg.n_heads and cfg.n_layers):
         raise UsageError(where, f"incomplete hyperparameters: dim={cfg.dim} n_heads={cfg.n_heads} "
                                 f"n_layers={cfg.n_layers}")

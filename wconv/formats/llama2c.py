@@ -335,7 +335,8 @@ def _check_model(model: Model) -> tuple[dict, bool, int]:
     c, where = model.config, model.path or None
     fam = arch.get(c.arch)
     if fam is None or not fam.llama2c:
-        raise UnsupportedError(where, f"llama2.c .bin holds Llama models only, not {c.arch!r}")
+        raise UnsupportedError(where, f"llama2.c .bin holds Llama-architecture models only (wconv writes "
+                                      f"{', '.join(n for n, f in arch.FAMILIES.items() if f.llama2c)}), not {c.arch!r}")
     if c.rope_scaling or c.head_width:
         raise UnsupportedError(where, "llama2.c's run.c cannot apply " + (
             f"{c.rope_scaling['type']} RoPE scaling" if c.rope_scaling else
@@ -365,6 +366,8 @@ def _check_model(model: Model) -> tuple[dict, bool, int]:
         if model[n].shape != shapes[n]:
             raise UnsupportedError(where, f"tensor {n} has shape {list(model[n].shape)}, "
                                           f"expected {list(shapes[n])}")
+    for note in fam.gguf_cannot_hold(c, runtime="llama2.c's run.c"):  # e.g. Mistral's sliding window
+        warn(None, note)
     if c.norm_eps and abs(c.norm_eps - RUNC_NORM_EPS) > 1e-12:
         warn(None, f"norm eps is {c.norm_eps:g} but run.c hard-codes 1e-5; llama2.c will run this model "
               "with 1e-5")
