@@ -1,8 +1,8 @@
 """Hugging Face model directories, as transformers' from_pretrained reads them.
 
-Written: `config.json` (LlamaForCausalLM / GPT2LMHeadModel), the weights with HF names and
-orientation (q/k rows permuted for HF's rotate_half, GPT-2 Conv1D weights stored [in, out];
-a tied classifier is left out, HF re-ties it), and a copy of the sentencepiece
+Written: `config.json` (the family's *ForCausalLM class, from wconv.arch), the weights with HF
+names and orientation (the family's fix-ups: q/k rows permuted for HF's rotate_half, GPT-2
+Conv1D weights stored [in, out], Gemma's norms as w; a tied classifier is left out, HF re-ties it), and a copy of the sentencepiece
 `tokenizer.model` when the model came with one. Weights go to `model.safetensors`, or, above
 the shard limit, to `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`
 (save_pretrained's layout). Every file is streamed one tensor at a time by safetensors_io.write.
