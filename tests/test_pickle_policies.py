@@ -47,7 +47,7 @@ from wconv.formats.torch_legacy import LEGACY_PICKLES, scan_stream
 from wconv.formats.torch_zip import MappedFile, ZipArchive
 from wconv.inspect.scan import scan_path
 
-EXAMPLES = int(os.environ.get("WCONV_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("WCONV_FUZZ_EXAMPLES", "500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="WCONV_FUZZ_EXAMPLES" not in os.environ,
                 database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 WORK = tempfile.mkdtemp(prefix="wconv-policies-")
@@ -237,11 +237,12 @@ def test_hostile_pickles_agree(tmp_path):
     head, _, tail = _legacy_parts(hostile.small_torch_legacy())
     n_unsafe = 0
     for name, pkl, _, _ in hostile.payloads(CANARY):
-        if name == "memo_flood":  # 4 million opcodes: loaded once in test_hostile.py
+        if name == "memo_flood":  # 4 million opcodes: loaded and scanned in test_hostile.py
             continue
         check_raw(pkl)
-        check_zip(pkl, {}, "archive")
-        check_legacy(head, pkl, tail)
+        if name not in hostile.SLOW_PAYLOADS:  # 100,000-deep nestings: the same machine run, once is enough
+            check_zip(pkl, {}, "archive")
+            check_legacy(head, pkl, tail)
         n_unsafe += not pickle_vm.scan(pkl).safe
     assert n_unsafe > 30
 

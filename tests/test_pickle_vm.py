@@ -363,3 +363,42 @@ def test_scan_unresolvable_stack_global():
 def test_scan_reports_position_of_bad_opcode():
     with pytest.raises(FormatError, match="byte 2"):
         list(pv.iter_opcodes(b"\x80\x02\xfe."))
+
+
+# --- module structure -------------------------------------------------------------------------
+
+PICKLE_MODULES = ["formats.pickle_records", "formats.pickle_opcodes", "formats.pickle_globals", "formats.pickle_vm",
+                  "formats.torch_tensors", "formats.torch_zip", "formats.torch_legacy", "formats.torch_file",
+                  "inspect.scan"]
+
+
+def _wconv_imports(module: str) -> set:
+    """wconv modules `module` imports anywhere in its source (function-level imports too)."""
+    import ast
+    import os
+
+    import wconv
+
+    root = os.path.dirname(wconv.__file__)
+    tree = ast.parse(open(os.path.join(root, *module.split(".")) + ".py").read())
+    package = module.rsplit(".", 1)[0].split(".")
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            names = [".".join(base)] if node.module else [".".join(base + [a.name]) for a in node.names]
+            out.update(n for n in names if n)
+    return out
+
+
+def test_pickle_modules_import_each_other_in_one_direction():
+    # One machine, one table, torch handlers beside it: no module of this group imports back.
+    graph = {m: _wconv_imports(m) & set(PICKLE_MODULES) for m in PICKLE_MODULES}
+    order = []
+    while graph:
+        leaves = [m for m, deps in graph.items() if deps <= set(order)]
+        assert leaves, f"import cycle among {sorted(graph)}"
+        order += sorted(leaves)
+        for m in leaves:
+            del graph[m]
+    assert order.index("formats.pickle_vm") < order.index("formats.torch_legacy") < order.index("formats.torch_file")

@@ -23,209 +23,34 @@ wins over malformed) before raising that first format error.
 
 Crafted pickles cannot exhaust memory or time: every bound is in `Limits` (opcodes, memo,
 stack, MARK nesting, integer and line sizes, handler work, dict-key complexity, nesting
-and sharing of the finished object graph, nested pickles).
+and sharing of the finished object graph, nested pickles), which lives with the opcode
+decoder in `pickle_opcodes`.
 """
 from __future__ import annotations
 
-import codecs
 import re
 import struct
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import FormatError, UnsafeFileError, UnsupportedError, WconvError
 from .pickle_globals import DICT_TYPES, GLOBALS, KEY_TYPES
+from .pickle_opcodes import DEFAULT_LIMITS, OPNAMES, Limits, Malformed, Op, decode_arg, iter_opcodes
 from .pickle_records import Global, GlobalSpec, Marker, Namespace, Pending, UnknownGlobal, UnknownObject
 
 __all__ = ["DEFAULT_LIMITS", "Global", "GlobalSpec", "Limits", "LoadPolicy", "Machine", "Marker", "Namespace",
            "Op", "PickleScan", "ScanPolicy", "ScanResult", "UnknownGlobal", "UnknownObject", "iter_opcodes",
            "loads", "scan", "unpickle"]
 
-# --- limits ----------------------------------------------------------------------------
-
-
-@dataclass
-class Limits:
-    """Every resource bound of the pickle machine. Real checkpoints stay far below each one."""
-
-    max_ops: int = 50_000_000
-    max_memo: int = 4_000_000
-    max_stack: int = 4_000_000
-    max_marks: int = 100_000  # MARK nesting
-    max_long_bytes: int = 1024  # LONG1/LONG4 payload; text INT/LONG lines are capped by max_line
-    max_line: int = 4096  # text opcodes (protocol 0 ints, floats, GLOBAL names)
-    max_depth: int = 200  # nesting of the finished object graph
-    max_key_items: int = 4096  # elements in one tuple used as a dict key
-    max_key_depth: int = 16  # nesting of tuples inside a dict key
-    work_base: int = 1 << 22  # handler work units (items checked, bytes copied) allowed up front...
-    work_per_byte: int = 8  # ...plus this many per pickle byte consumed (about 0.1 us each)
-    tree_factor: int = 4  # the result walked as a tree may have this many nodes per reference...
-    tree_slack: int = 1 << 20  # ...plus this many: more is a sharing bomb
-    max_pickle_bytes: int = 1 << 30  # a pickle (data.pkl) larger than this is refused rather than read
-    nested_depth: int = 3  # scan: pickles inside pickles followed this deep
-    max_listed: int = 200  # scan: globals / reasons / extension codes kept per pickle
-    max_nested_listed: int = 20  # scan: nested pickles kept per pickle
-    max_named_results: int = 1 << 16  # scan: call results remembered by origin (for messages)
-
-
-DEFAULT_LIMITS = Limits()
-_MAX_SAFE_KEY_INT = (1 << 61) - 2  # ints in this range hash to themselves: no crafted collisions
-
-# --- opcodes -----------------------------------------------------------------------------
-
-_OPNAMES = {
-    b"(": "MARK", b".": "STOP", b"0": "POP", b"1": "POP_MARK", b"2": "DUP", b"F": "FLOAT",
-    b"I": "INT", b"J": "BININT", b"K": "BININT1", b"L": "LONG", b"M": "BININT2", b"N": "NONE",
-    b"P": "PERSID", b"Q": "BINPERSID", b"R": "REDUCE", b"S": "STRING", b"T": "BINSTRING",
-    b"U": "SHORT_BINSTRING", b"V": "UNICODE", b"X": "BINUNICODE", b"a": "APPEND", b"b": "BUILD",
-    b"c": "GLOBAL", b"d": "DICT", b"}": "EMPTY_DICT", b"e": "APPENDS", b"g": "GET", b"h": "BINGET",
-    b"i": "INST", b"j": "LONG_BINGET", b"l": "LIST", b"]": "EMPTY_LIST", b"o": "OBJ", b"p": "PUT",
-    b"q": "BINPUT", b"r": "LONG_BINPUT", b"s": "SETITEM", b"t": "TUPLE", b")": "EMPTY_TUPLE",
-    b"u": "SETITEMS", b"G": "BINFLOAT", b"\x80": "PROTO", b"\x81": "NEWOBJ", b"\x82": "EXT1",
-    b"\x83": "EXT2", b"\x84": "EXT4", b"\x85": "TUPLE1", b"\x86": "TUPLE2", b"\x87": "TUPLE3",
-    b"\x88": "NEWTRUE", b"\x89": "NEWFALSE", b"\x8a": "LONG1", b"\x8b": "LONG4", b"B": "BINBYTES",
-    b"C": "SHORT_BINBYTES", b"\x8c": "SHORT_BINUNICODE", b"\x8d": "BINUNICODE8",
-    b"\x8e": "BINBYTES8", b"\x8f": "EMPTY_SET", b"\x90": "ADDITEMS", b"\x91": "FROZENSET",
-    b"\x92": "NEWOBJ_EX", b"\x93": "STACK_GLOBAL", b"\x94": "MEMOIZE", b"\x95": "FRAME",
-    b"\x96": "BYTEARRAY8", b"\x97": "NEXT_BUFFER", b"\x98": "READONLY_BUFFER",
-}
-OPNAMES = {k[0]: v for k, v in _OPNAMES.items()}  # opcode byte value -> name
-
-# Argument encodings: how many bytes follow the opcode, and how to read them.
-_FIXED = {"BININT": "<i", "BININT1": "<B", "BININT2": "<H", "BINFLOAT": ">d", "BINGET": "<B",
-          "LONG_BINGET": "<I", "BINPUT": "<B", "LONG_BINPUT": "<I", "PROTO": "<B", "EXT1": "<B",
-          "EXT2": "<H", "EXT4": "<i", "FRAME": "<Q"}
-_COUNTED = {  # name -> (length prefix format, kind)
-    "BINSTRING": ("<i", "str8"), "SHORT_BINSTRING": ("<B", "str8"),
-    "BINBYTES": ("<I", "bytes"), "SHORT_BINBYTES": ("<B", "bytes"), "BINBYTES8": ("<Q", "bytes"),
-    "BINUNICODE": ("<I", "utf8"), "SHORT_BINUNICODE": ("<B", "utf8"), "BINUNICODE8": ("<Q", "utf8"),
-    "BYTEARRAY8": ("<Q", "bytearray"), "LONG1": ("<B", "long"), "LONG4": ("<i", "long"),
-}
-_LINE1 = {"INT", "LONG", "FLOAT", "STRING", "UNICODE", "GET", "PUT", "PERSID"}
-_LINE2 = {"GLOBAL", "INST"}
-_NO_ARG = set(OPNAMES.values()) - set(_FIXED) - set(_COUNTED) - _LINE1 - _LINE2
-
-
-class _Bad(Exception):
-    """Internal: the pickle is malformed here (an unpickler stops too)."""
-
 
 class _Refused(Exception):
     """Internal: the policy recorded an unsafe use and wants a placeholder instead (scan)."""
 
 
-def _read_line(data, pos: int, end: int, max_line: int) -> tuple[bytes, int]:
-    # Lines are short in practice: look at 64 bytes first, the whole allowance only if needed.
-    for width in (64, max_line + 1):
-        stop = min(end, pos + width)
-        chunk = bytes(data[pos:stop])
-        nl = chunk.find(b"\n")
-        if nl >= 0:
-            return chunk[:nl], pos + nl + 1
-    raise _Bad("unterminated text argument" if stop == end else "text argument too long")
-
-
-def _decode_string_literal(line: bytes) -> bytes:
-    # Protocol 0 STRING: a Python 2 repr, quoted with ' or ".
-    if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
-        raise _Bad("STRING argument is not quoted")
-    return codecs.escape_decode(line[1:-1])[0]
-
-
-def _decode_arg(name: str, data, pos: int, end: int, limits: Limits):
-    """(argument, new position) of the opcode `name` whose argument starts at `pos`."""
-    if name in _NO_ARG:
-        return None, pos
-    if name in _FIXED:
-        fmt = _FIXED[name]
-        size = struct.calcsize(fmt)
-        if pos + size > end:
-            raise _Bad(f"{name} argument runs past the end of the data")
-        return struct.unpack_from(fmt, data, pos)[0], pos + size
-    if name in _COUNTED:
-        fmt, kind = _COUNTED[name]
-        size = struct.calcsize(fmt)
-        if pos + size > end:
-            raise _Bad(f"{name} length runs past the end of the data")
-        n = struct.unpack_from(fmt, data, pos)[0]
-        pos += size
-        if n < 0:
-            raise _Bad(f"{name} has a negative length")
-        if kind == "long" and n > limits.max_long_bytes:
-            raise _Bad(f"{name} integer of {n} bytes exceeds the limit of {limits.max_long_bytes}")
-        if n > end - pos:
-            raise _Bad(f"{name} of {n} bytes runs past the end of the data")
-        raw = bytes(data[pos:pos + n])
-        pos += n
-        if kind == "bytes":
-            return raw, pos
-        if kind == "bytearray":
-            return bytearray(raw), pos
-        if kind == "long":
-            return int.from_bytes(raw, "little", signed=True), pos
-        if kind == "utf8":
-            return raw.decode("utf-8", "surrogatepass"), pos
-        return raw, pos  # str8: Python 2 str, decoded by the machine
-    if name in _LINE1:
-        line, pos = _read_line(data, pos, end, limits.max_line)
-        if name == "INT":
-            if line == b"01":
-                return True, pos
-            if line == b"00":
-                return False, pos
-            return int(line), pos
-        if name == "LONG":
-            return int(line[:-1] if line.endswith(b"L") else line), pos
-        if name == "FLOAT":
-            return float(line), pos
-        if name == "STRING":
-            return _decode_string_literal(line), pos
-        if name == "UNICODE":
-            return line.decode("raw-unicode-escape"), pos
-        if name in ("GET", "PUT"):
-            return int(line), pos
-        return line.decode("ascii"), pos  # PERSID
-    module, pos = _read_line(data, pos, end, limits.max_line)  # GLOBAL, INST
-    qual, pos = _read_line(data, pos, end, limits.max_line)
-    return (module.decode("utf-8"), qual.decode("utf-8")), pos
-
-
-_DECODE_ERRORS = (_Bad, ValueError, UnicodeDecodeError, struct.error)
 # What malformed input can make Python raise inside the machine or a handler.
-_DATA_ERRORS = (_Bad, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, UnicodeError,
+_DATA_ERRORS = (Malformed, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, UnicodeError,
                 struct.error)
-
-
-@dataclass
-class Op:
-    pos: int
-    name: str
-    arg: object = None
-
-
-def iter_opcodes(data, start: int = 0, *, path=None, limits: Limits = DEFAULT_LIMITS) -> Iterator[Op]:
-    """The machine's decoder on its own: opcodes from `start` up to and including STOP."""
-    end = len(data)
-    pos, count = start, 0
-    while True:
-        if pos >= end:
-            raise FormatError(path, f"pickle at byte {start} is truncated (no STOP opcode)")
-        name = OPNAMES.get(data[pos])
-        if name is None:
-            raise FormatError(path, f"bad pickle: unknown opcode 0x{data[pos]:02x} at byte {pos}")
-        count += 1
-        if count > limits.max_ops:
-            raise FormatError(path, f"pickle exceeds {limits.max_ops} opcodes")
-        try:
-            arg, new = _decode_arg(name, data, pos + 1, end, limits)
-        except _DECODE_ERRORS as e:
-            raise FormatError(path, f"bad pickle at byte {pos} ({name}): {e}") from None
-        yield Op(pos, name, arg)
-        if name == "STOP":
-            return
-        pos = new
-
+_MAX_SAFE_KEY_INT = (1 << 61) - 2  # ints in this range hash to themselves: no crafted collisions
 
 # --- the machine -------------------------------------------------------------------------
 
@@ -288,7 +113,6 @@ class Machine:
         self.memo: dict = {}
         self.proto = 0
         self.pos = self.op_pos = start
-        self.op_name = "?"
         self.ops = 0
         self.work = 0
         self.handlers_off = False  # after the work budget is spent, every call is a placeholder
@@ -364,9 +188,9 @@ class Machine:
         the table, an UnknownObject record for an unknown one; anything else is refused."""
         op = op or ("NEWOBJ" if new else "REDUCE")
         if type(args) is not tuple:
-            raise _Bad("call arguments are not a tuple")
+            raise Malformed("call arguments are not a tuple")
         if kwargs is not None and type(kwargs) is not dict:
-            raise _Bad("NEWOBJ_EX keyword arguments are not a dict")
+            raise Malformed("NEWOBJ_EX keyword arguments are not a dict")
         t = type(func)
         if t is UnknownGlobal:
             return UnknownObject(func, args, kwargs)
@@ -456,20 +280,20 @@ class Machine:
         try:
             while self.end_pos is None:
                 if self.pos >= end:
-                    raise _Bad("truncated (no STOP opcode)")
+                    raise Malformed("truncated (no STOP opcode)")
                 self.op_pos = self.pos
                 entry = dispatch.get(data[self.pos])
                 if entry is None:
-                    raise _Bad(f"unknown opcode 0x{data[self.pos]:02x}")
+                    raise Malformed(f"unknown opcode 0x{data[self.pos]:02x}")
                 self.ops += 1
                 if self.ops > max_ops:
-                    raise _Bad(f"more than {max_ops} opcodes")
+                    raise Malformed(f"more than {max_ops} opcodes")
                 if counts is not None:
                     counts[entry[0]] += 1
-                arg, self.pos = _decode_arg(entry[0], data, self.pos + 1, end, limits)
+                arg, self.pos = decode_arg(entry[0], data, self.pos + 1, end, limits)
                 entry[1](arg)
                 if len(stack) > max_stack:
-                    raise _Bad(f"stack exceeds {max_stack} items")
+                    raise Malformed(f"stack exceeds {max_stack} items")
         except UnsafeFileError:
             raise
         except WconvError as e:
@@ -488,17 +312,17 @@ class Machine:
 
     def _pop(self):
         if len(self.stack) <= self.floor:
-            raise _Bad("stack underflow")
+            raise Malformed("stack underflow")
         return self.stack.pop()
 
     def _top(self):
         if len(self.stack) <= self.floor:
-            raise _Bad("stack underflow")
+            raise Malformed("stack underflow")
         return self.stack[-1]
 
     def _pop_mark(self) -> list:
         if not self.marks:
-            raise _Bad("MARK expected but not found")
+            raise Malformed("MARK expected but not found")
         i = self.marks.pop()
         items = self.stack[i:]
         del self.stack[i:]
@@ -508,7 +332,7 @@ class Machine:
     # -- opcodes: stack shuffling --
     def op_MARK(self, _):
         if len(self.marks) >= self.limits.max_marks:
-            raise _Bad("MARK nested too deeply")
+            raise Malformed("MARK nested too deeply")
         self.marks.append(len(self.stack))
         self.floor = len(self.stack)
 
@@ -534,12 +358,12 @@ class Machine:
 
     def op_PROTO(self, v):
         if v > 5:
-            raise _Bad(f"unsupported pickle protocol {v}")
+            raise Malformed(f"unsupported pickle protocol {v}")
         self.proto = v
 
     def op_FRAME(self, n):
         if n > self.end - self.pos:
-            raise _Bad("FRAME runs past the end of the data")
+            raise Malformed("FRAME runs past the end of the data")
 
     # -- opcodes: scalars --
     def _push_arg(self, v):
@@ -613,7 +437,7 @@ class Machine:
 
     def _set_items(self, target, items):
         if len(items) % 2:
-            raise _Bad("odd number of items for a dict")
+            raise Malformed("odd number of items for a dict")
         if type(target) in DICT_TYPES:
             if self._keys_ok(items[::2]):
                 for i in range(0, len(items), 2):
@@ -661,9 +485,9 @@ class Machine:
     # -- opcodes: memo --
     def _memo_put(self, idx):
         if idx < 0 or idx > 0xFFFFFFFF:
-            raise _Bad("memo index out of range")
+            raise Malformed("memo index out of range")
         if idx not in self.memo and len(self.memo) >= self.limits.max_memo:
-            raise _Bad(f"more than {self.limits.max_memo} memo entries")
+            raise Malformed(f"more than {self.limits.max_memo} memo entries")
         obj = self._top()
         self.memo[idx] = obj
         if isinstance(obj, Pending):
@@ -676,7 +500,7 @@ class Machine:
 
     def _memo_get(self, idx):
         if idx not in self.memo:
-            raise _Bad(f"memo entry {idx} was never stored")
+            raise Malformed(f"memo entry {idx} was never stored")
         self._push(self.memo[idx])
 
     op_GET = op_BINGET = op_LONG_BINGET = _memo_get
@@ -794,7 +618,7 @@ class Machine:
     def op_OBJ(self, _):
         items = self._pop_mark()
         if not items:
-            raise _Bad("OBJ without a class")
+            raise Malformed("OBJ without a class")
         self._instantiate("OBJ", items[0], items[1:])
 
     def _ext(self, code):
