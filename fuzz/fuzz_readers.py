@@ -119,11 +119,15 @@ def main(argv):
         import wconv.formats.gguf_io  # noqa: F401
         import wconv.formats.llama2c  # noqa: F401
         import wconv.formats.llama2c_tokenizer  # noqa: F401
+        import wconv.formats.pickle_globals  # noqa: F401
+        import wconv.formats.pickle_opcodes  # noqa: F401
+        import wconv.formats.pickle_records  # noqa: F401
         import wconv.formats.pickle_vm  # noqa: F401
         import wconv.formats.safetensors_io  # noqa: F401
         import wconv.formats.sentencepiece  # noqa: F401
         import wconv.formats.torch_file  # noqa: F401
         import wconv.formats.torch_legacy  # noqa: F401
+        import wconv.formats.torch_tensors  # noqa: F401
         import wconv.formats.torch_zip  # noqa: F401
         import wconv.inspect.report  # noqa: F401
         import wconv.inspect.scan  # noqa: F401

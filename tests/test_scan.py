@@ -322,6 +322,18 @@ def test_json_output(tmp_path):
     assert format_scan(out).startswith(f"path:    {path}")
 
 
+def test_json_output_for_unreadable_input(tmp_path):
+    # --json prints one object for every input, also when nothing could be scanned (exit 2).
+    garbage = _write(tmp_path / "garbage.bin", b"\xfe\xfd" * 100)
+    for path in (garbage, str(tmp_path / "missing.pt")):
+        res = CliRunner().invoke(cli, ["scan", "--json", path])
+        assert res.exit_code == 2
+        out = json.loads(res.stdout)
+        assert out["verdict"] == "unreadable" and out["safe"] is False and out["unreadable"] == [path]
+        assert path in out["error"] and out["files"][0]["error"] == out["error"]
+        assert format_scan(out).startswith(f"path:    {path}")
+
+
 def test_scanner_limits(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle_vm.DEFAULT_LIMITS, "max_memo", 1000)
     monkeypatch.setattr(pickle_vm.DEFAULT_LIMITS, "max_marks", 1000)

@@ -209,9 +209,10 @@ def scan(path, as_json):
     Exit code 0: safe (only tensor rebuilding); 1: unsafe; 2: unreadable. PATH may be a
     directory: every .bin/.pth/.pt/.pkl/.ckpt and weight file under it is scanned.
     """
-    from .inspect.scan import format_scan, scan_path
+    from .inspect.scan import format_scan, scan_path, scan_report
 
-    result = scan_path(path)
+    # --json: one JSON object for every input, an unreadable one included (exit 2).
+    result = scan_report(path) if as_json else scan_path(path)
     click.echo(json.dumps(result, indent=1) if as_json else format_scan(result))
     if not result["safe"]:
         sys.exit(2 if result["verdict"] == "unreadable" else 1)

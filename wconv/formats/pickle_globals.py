@@ -1,9 +1,15 @@
-"""Handlers for the Python and numpy globals that pickled data legitimately uses.
+"""wconv's one table of globals (`GLOBALS`), and the handlers for Python and numpy data.
 
-Each handler receives the interpreter (`ctx`, for `fail`, `charge` and key checks) and
-plain arguments, validates their types, and builds the value itself: nothing here
-imports or calls what a pickle names. numpy scalars and arrays are decoded from their
-bytes with np.frombuffer; numpy's own unpickling is never used.
+The table is the allowlist both policies of the pickle machine (`pickle_vm`) use: loading
+runs these handlers, scanning runs them too and calls everything else unsafe. The torch
+entries (tensor rebuilding, storages, dtypes) come from `torch_tensors`.
+
+Each handler receives the machine (`ctx`, for `fail`, `refuse`, `charge`, `call` and key
+checks) and plain arguments, validates their types, and builds the value itself: nothing
+here imports or calls what a pickle names. `ctx.fail` means "wconv cannot take these
+arguments" (a format error); `ctx.refuse` means "this use could run code" (unsafe).
+numpy scalars and arrays are decoded from their bytes with np.frombuffer; numpy's own
+unpickling is never used.
 """
 from __future__ import annotations
 
@@ -11,8 +17,14 @@ from collections import Counter, OrderedDict
 
 import numpy as np
 
-from ..errors import UnsafeFileError, UnsupportedError
-from .pickle_vm import _DICT_TYPES, Global, GlobalSpec, Namespace, UnknownGlobal, _Pending
+from ..errors import UnsupportedError
+from .pickle_records import Global, GlobalSpec, Namespace, Pending, UnknownGlobal
+from .torch_tensors import TORCH_GLOBALS, Storage
+
+# Containers SETITEM/SETITEMS fill (and dict-like handler arguments).
+DICT_TYPES = (dict, OrderedDict, Counter, Namespace)
+# Our own types that may be dict keys / set elements besides scalars and tokens (hashed by identity).
+KEY_TYPES = (Storage,)
 
 
 def _arity(ctx, args, lo, hi, what):
@@ -34,7 +46,7 @@ def _make_dict_type(cls):
         out = cls()
         if args:
             pairs = args[0]
-            if type(pairs) in _DICT_TYPES:  # Counter pickles as Counter(dict)
+            if type(pairs) in DICT_TYPES:  # Counter pickles as Counter(dict)
                 pairs = list(pairs.items())
             if type(pairs) not in (list, tuple):
                 ctx.fail(f"{cls.__name__} expects a list of pairs")
@@ -119,9 +131,12 @@ def _namespace_new(ctx, args, kwargs):
 
 def _reconstructor(ctx, args):
     # copyreg._reconstructor(cls, object, None): protocol 0/1 spelling of cls.__new__(cls).
+    # Any other base class would have its __new__/__init__ run by a real unpickler.
     if len(args) != 3 or args[1] != Global("builtins", "object") or args[2] is not None:
-        ctx.fail("copyreg._reconstructor with unsupported arguments")
-    return ctx.call(args[0], (), new=True)
+        ctx.refuse("copyreg._reconstructor with arguments other than (class, object, None)",
+                   "refusing copyreg._reconstructor with unsupported arguments (it would run the base class's "
+                   "constructor)")
+    return ctx.call(args[0], (), new=True, op="copyreg._reconstructor")
 
 
 def _plain_state(ctx, state, what):
@@ -129,13 +144,14 @@ def _plain_state(ctx, state, what):
     retarget the object (e.g. its __class__) in a real unpickler: refused."""
     if type(state) is tuple and len(state) == 2:
         if state[1] is not None:
-            ctx.fail(f"refusing BUILD on {what} with slot state (setattr of arbitrary attributes)",
-                     UnsafeFileError)
+            reason = f"BUILD on {what} with slot state (setattr of arbitrary attributes)"
+            ctx.refuse(reason, "refusing " + reason)
         state = state[0]
     if type(state) is dict:
         dunder = [k for k in state if type(k) is str and k.startswith("__")]
         if dunder:
-            ctx.fail(f"refusing BUILD on {what} that sets attribute {dunder[0]!r:.60}", UnsafeFileError)
+            ctx.refuse(f"BUILD on {what} sets attribute {dunder[0]:.60}",
+                       f"refusing BUILD on {what} that sets attribute {dunder[0]!r:.60}")
     return state
 
 
@@ -208,14 +224,19 @@ def _np_scalar(ctx, args):
     return np.frombuffer(raw, dtype=dt)[0].item()
 
 
-class _NumpyArrayPending(_Pending):
+class NumpyArrayPending(Pending):
+    """numpy.core.multiarray._reconstruct(ndarray, ...): the array arrives in a later BUILD."""
+
     __slots__ = ()
 
 
-def _np_reconstruct(ctx, args):
-    if len(args) != 3 or args[0] != Global("numpy", "ndarray"):
-        ctx.fail("numpy _reconstruct with unsupported arguments")
-    return _NumpyArrayPending()
+def _np_reconstruct(origin):
+    def call(ctx, args):
+        if len(args) != 3 or args[0] != Global("numpy", "ndarray"):
+            ctx.fail("numpy _reconstruct with unsupported arguments")
+        return NumpyArrayPending(origin)
+
+    return call
 
 
 def _array_from_bytes(ctx, raw, dt: np.dtype, shape, fortran: bool):
@@ -253,34 +274,34 @@ def _token():
     return GlobalSpec()
 
 
-BASE_GLOBALS: dict = {
-    ("collections", "OrderedDict"): GlobalSpec(call=_make_dict_type(OrderedDict)),
-    ("collections", "Counter"): GlobalSpec(call=_make_dict_type(Counter)),
-    ("collections", "defaultdict"): GlobalSpec(call=_defaultdict),
-    ("builtins", "set"): GlobalSpec(call=_set),
-    ("builtins", "frozenset"): GlobalSpec(call=_frozenset),
-    ("builtins", "slice"): GlobalSpec(call=_slice),
-    ("builtins", "complex"): GlobalSpec(call=_complex),
-    ("builtins", "bytearray"): GlobalSpec(call=_bytearray),
-    ("builtins", "bytes"): GlobalSpec(call=_bytes),
-    ("_codecs", "encode"): GlobalSpec(call=_codecs_encode),
-    ("copyreg", "_reconstructor"): GlobalSpec(call=_reconstructor),
-    ("argparse", "Namespace"): GlobalSpec(new=_namespace_new),
-    ("numpy", "dtype"): GlobalSpec(call=_np_dtype),
-    ("numpy", "ndarray"): _token(),
-}
-# Plain types, allowed only as inert tokens (e.g. a defaultdict factory); calling them is refused.
-for _name in ("object", "dict", "list", "tuple", "int", "float", "str", "bool"):
-    BASE_GLOBALS[("builtins", _name)] = _token()
-for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    BASE_GLOBALS[(_mod, "scalar")] = GlobalSpec(call=_np_scalar)
-    BASE_GLOBALS[(_mod, "_reconstruct")] = GlobalSpec(call=_np_reconstruct)
-for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
-    BASE_GLOBALS[(_mod, "_frombuffer")] = GlobalSpec(call=_np_frombuffer)
+def _python_and_numpy() -> dict:
+    g = {
+        ("collections", "OrderedDict"): GlobalSpec(call=_make_dict_type(OrderedDict), build=_build_ordered_dict,
+                                                   makes=OrderedDict),
+        ("collections", "Counter"): GlobalSpec(call=_make_dict_type(Counter)),
+        ("collections", "defaultdict"): GlobalSpec(call=_defaultdict),
+        ("builtins", "set"): GlobalSpec(call=_set),
+        ("builtins", "frozenset"): GlobalSpec(call=_frozenset),
+        ("builtins", "slice"): GlobalSpec(call=_slice),
+        ("builtins", "complex"): GlobalSpec(call=_complex),
+        ("builtins", "bytearray"): GlobalSpec(call=_bytearray),
+        ("builtins", "bytes"): GlobalSpec(call=_bytes),
+        ("_codecs", "encode"): GlobalSpec(call=_codecs_encode),
+        ("copyreg", "_reconstructor"): GlobalSpec(call=_reconstructor),
+        ("argparse", "Namespace"): GlobalSpec(new=_namespace_new, build=_build_namespace, makes=Namespace),
+        ("numpy", "dtype"): GlobalSpec(call=_np_dtype, build=_build_np_dtype, makes=NumpyDtypeSpec),
+        ("numpy", "ndarray"): _token(),
+    }
+    # Plain types, allowed only as inert tokens (e.g. a defaultdict factory); calling them is refused.
+    for name in ("object", "dict", "list", "tuple", "int", "float", "str", "bool"):
+        g[("builtins", name)] = _token()
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        g[(mod, "scalar")] = GlobalSpec(call=_np_scalar)
+        g[(mod, "_reconstruct")] = GlobalSpec(call=_np_reconstruct(f"{mod}._reconstruct"), build=_build_np_array,
+                                              makes=NumpyArrayPending)
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        g[(mod, "_frombuffer")] = GlobalSpec(call=_np_frombuffer)
+    return g
 
-BASE_BUILD: dict = {
-    OrderedDict: _build_ordered_dict,
-    Namespace: _build_namespace,
-    NumpyDtypeSpec: _build_np_dtype,
-    _NumpyArrayPending: _build_np_array,
-}
+
+GLOBALS: dict = {**_python_and_numpy(), **TORCH_GLOBALS}  # (module, name) -> GlobalSpec

@@ -1,405 +1,110 @@
-"""A restricted pickle interpreter: reads pickles as data and never runs code from them.
+"""wconv's pickle machine: one opcode interpreter, two policies, one table of globals.
 
 Python's own Unpickler imports whatever module a pickle names and calls it; even with
-`find_class` restricted, BUILD sets attributes and REDUCE calls what was resolved. Here
-every global is an inert token. REDUCE, NEWOBJ and BUILD dispatch by (module, name) or by
-our own object type to handler functions written in this package; a global without an
-entry in the allowlist is refused (UnsafeFileError) before anything else happens, or, with
-`allow_unknown_globals=True`, becomes an `UnknownGlobal` whose "calls" produce inert
-`UnknownObject` records (for inspection only; nothing is ever called).
+`find_class` restricted, BUILD sets attributes and REDUCE calls what was resolved. This
+machine only ever produces inert records: every global is a token, and REDUCE, NEWOBJ
+and BUILD reach nothing but handler functions written in wconv, looked up in one table
+(`pickle_globals.GLOBALS`). Where the table has no entry, or an entry is used in a way
+its handler does not allow, the machine asks its policy:
 
-Crafted pickles cannot exhaust memory or time: opcodes, memo entries, stack height,
-integer sizes and the work done by handlers are bounded (see `Limits`), dict keys are
-restricted to types whose hashing is cheap and collision-safe, and the finished object
-graph is checked for cycles and nesting depth so callers can walk it recursively.
+- `LoadPolicy` (`unpickle`, `loads`): refuse with UnsafeFileError, before anything else
+  happens; with `allow_unknown_globals`, an unknown global becomes an `UnknownGlobal`
+  whose "calls" produce inert `UnknownObject` records (for inspection only).
+- `ScanPolicy` (`scan`): record the reason, put a placeholder in place of the result and
+  go on, never raising; bytes passed to `pickle.loads` and the like are scanned as nested
+  pickles. The result (`PickleScan`) is what `wconv scan` reports.
 
-`iter_opcodes` and `scan` decode a pickle without executing it (for `wconv scan`).
-The handlers for Python and numpy data types live in `pickle_globals`; torch's in
-`torch_file`.
+Both run the same handlers on the same values, so they agree by construction: a pickle
+scans safe exactly when loading it raises no UnsafeFileError. A handler may also refuse
+its arguments (a format error: wconv cannot take them, though a real unpickler would
+call the real function); the machine then goes on with a placeholder, so that a scan
+still sees what follows and a load still reports anything unsafe further on (unsafe
+wins over malformed) before raising that first format error.
+
+Crafted pickles cannot exhaust memory or time: every bound is in `Limits` (opcodes, memo,
+stack, MARK nesting, integer and line sizes, handler work, dict-key complexity, nesting
+and sharing of the finished object graph, nested pickles), which lives with the opcode
+decoder in `pickle_opcodes`.
 """
 from __future__ import annotations
 
-import codecs
+import re
 import struct
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import FormatError, UnsafeFileError, UnsupportedError, WconvError
+from .pickle_globals import DICT_TYPES, GLOBALS, KEY_TYPES
+from .pickle_opcodes import DEFAULT_LIMITS, OPNAMES, Limits, Malformed, Op, decode_arg, iter_opcodes
+from .pickle_records import Global, GlobalSpec, Marker, Namespace, Pending, UnknownGlobal, UnknownObject
 
-# --- limits ----------------------------------------------------------------------------
-
-
-@dataclass
-class Limits:
-    """Resource bounds for one pickle. Real checkpoints stay far below every one."""
-
-    max_ops: int = 50_000_000
-    max_memo: int = 4_000_000
-    max_stack: int = 4_000_000
-    max_marks: int = 100_000  # MARK nesting
-    max_long_bytes: int = 1024  # LONG1/LONG4 payload; text INT/LONG lines are capped by max_line
-    max_line: int = 4096  # text opcodes (protocol 0 ints, floats, GLOBAL names)
-    max_depth: int = 200  # nesting of the finished object graph
-    max_key_items: int = 4096  # elements in one tuple used as a dict key
-    work_base: int = 1 << 22  # handler work units (items checked, bytes copied) allowed up front...
-    work_per_byte: int = 8  # ...plus this many per pickle byte consumed (about 0.1 us each)
+__all__ = ["DEFAULT_LIMITS", "Global", "GlobalSpec", "Limits", "LoadPolicy", "Machine", "Marker", "Namespace",
+           "Op", "PickleScan", "ScanPolicy", "ScanResult", "UnknownGlobal", "UnknownObject", "iter_opcodes",
+           "loads", "scan", "unpickle"]
 
 
-DEFAULT_LIMITS = Limits()
+class _Refused(Exception):
+    """Internal: the policy recorded an unsafe use and wants a placeholder instead (scan)."""
+
+
+# What malformed input can make Python raise inside the machine or a handler.
+_DATA_ERRORS = (Malformed, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, UnicodeError,
+                struct.error)
 _MAX_SAFE_KEY_INT = (1 << 61) - 2  # ints in this range hash to themselves: no crafted collisions
 
-# --- inert objects the interpreter produces ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class Global:
-    """An allowlisted global, as a token. Calling it means running *our* handler."""
-
-    module: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-@dataclass(frozen=True)
-class UnknownGlobal:
-    """A global outside the allowlist (only with allow_unknown_globals). Never resolved."""
-
-    module: str
-    name: str
-
-    def __str__(self) -> str:
-        return f"{self.module}.{self.name}"
-
-
-class UnknownObject:
-    """What REDUCE/NEWOBJ/BUILD on an UnknownGlobal would have produced: a record, not an object."""
-
-    __slots__ = ("cls", "args", "kwargs", "state", "items", "dict_items")
-
-    def __init__(self, cls, args=(), kwargs=None):
-        self.cls = cls
-        self.args = args
-        self.kwargs = kwargs
-        self.state = None
-        self.items = []  # APPEND/APPENDS/ADDITEMS on it
-        self.dict_items = []  # SETITEM/SETITEMS on it, as (key, value) pairs
-
-    def __repr__(self) -> str:
-        return f"<UnknownObject {self.cls}>"
-
-
-@dataclass(frozen=True)
-class Marker:
-    """A named constant such as a torch dtype or layout (`kind` says which)."""
-
-    kind: str
-    name: str
-
-    def __str__(self) -> str:
-        return self.name
-
-
-class Namespace(dict):
-    """argparse.Namespace contents, as a plain dict."""
-
-
-@dataclass
-class GlobalSpec:
-    """How one allowlisted global behaves.
-
-    `value`: what the GLOBAL opcode pushes (None: a `Global` token).
-    `call(ctx, args)`: REDUCE handler. `new(ctx, args, kwargs)`: NEWOBJ handler.
-    """
-
-    value: object = None
-    call: Callable | None = None
-    new: Callable | None = None
-
-
-class _Pending:
-    """An object completed by a later BUILD (numpy arrays); must not leak into results."""
-
-    __slots__ = ("memo_keys",)
-
-    def __init__(self):
-        self.memo_keys = []
-
-
-# --- opcodes -----------------------------------------------------------------------------
-
-_OPNAMES = {
-    b"(": "MARK", b".": "STOP", b"0": "POP", b"1": "POP_MARK", b"2": "DUP", b"F": "FLOAT",
-    b"I": "INT", b"J": "BININT", b"K": "BININT1", b"L": "LONG", b"M": "BININT2", b"N": "NONE",
-    b"P": "PERSID", b"Q": "BINPERSID", b"R": "REDUCE", b"S": "STRING", b"T": "BINSTRING",
-    b"U": "SHORT_BINSTRING", b"V": "UNICODE", b"X": "BINUNICODE", b"a": "APPEND", b"b": "BUILD",
-    b"c": "GLOBAL", b"d": "DICT", b"}": "EMPTY_DICT", b"e": "APPENDS", b"g": "GET", b"h": "BINGET",
-    b"i": "INST", b"j": "LONG_BINGET", b"l": "LIST", b"]": "EMPTY_LIST", b"o": "OBJ", b"p": "PUT",
-    b"q": "BINPUT", b"r": "LONG_BINPUT", b"s": "SETITEM", b"t": "TUPLE", b")": "EMPTY_TUPLE",
-    b"u": "SETITEMS", b"G": "BINFLOAT", b"\x80": "PROTO", b"\x81": "NEWOBJ", b"\x82": "EXT1",
-    b"\x83": "EXT2", b"\x84": "EXT4", b"\x85": "TUPLE1", b"\x86": "TUPLE2", b"\x87": "TUPLE3",
-    b"\x88": "NEWTRUE", b"\x89": "NEWFALSE", b"\x8a": "LONG1", b"\x8b": "LONG4", b"B": "BINBYTES",
-    b"C": "SHORT_BINBYTES", b"\x8c": "SHORT_BINUNICODE", b"\x8d": "BINUNICODE8",
-    b"\x8e": "BINBYTES8", b"\x8f": "EMPTY_SET", b"\x90": "ADDITEMS", b"\x91": "FROZENSET",
-    b"\x92": "NEWOBJ_EX", b"\x93": "STACK_GLOBAL", b"\x94": "MEMOIZE", b"\x95": "FRAME",
-    b"\x96": "BYTEARRAY8", b"\x97": "NEXT_BUFFER", b"\x98": "READONLY_BUFFER",
-}
-OPNAMES = {k[0]: v for k, v in _OPNAMES.items()}  # opcode byte value -> name
-_OP = {v: k for k, v in OPNAMES.items()}  # name -> byte value
-
-# Argument encodings: how many bytes follow the opcode, and how to read them.
-_FIXED = {"BININT": "<i", "BININT1": "<B", "BININT2": "<H", "BINFLOAT": ">d", "BINGET": "<B",
-          "LONG_BINGET": "<I", "BINPUT": "<B", "LONG_BINPUT": "<I", "PROTO": "<B", "EXT1": "<B",
-          "EXT2": "<H", "EXT4": "<i", "FRAME": "<Q"}
-_COUNTED = {  # name -> (length prefix format, kind)
-    "BINSTRING": ("<i", "str8"), "SHORT_BINSTRING": ("<B", "str8"),
-    "BINBYTES": ("<I", "bytes"), "SHORT_BINBYTES": ("<B", "bytes"), "BINBYTES8": ("<Q", "bytes"),
-    "BINUNICODE": ("<I", "utf8"), "SHORT_BINUNICODE": ("<B", "utf8"), "BINUNICODE8": ("<Q", "utf8"),
-    "BYTEARRAY8": ("<Q", "bytearray"), "LONG1": ("<B", "long"), "LONG4": ("<i", "long"),
-}
-_LINE1 = {"INT", "LONG", "FLOAT", "STRING", "UNICODE", "GET", "PUT", "PERSID"}
-_LINE2 = {"GLOBAL", "INST"}
-_NO_ARG = set(OPNAMES.values()) - set(_FIXED) - set(_COUNTED) - _LINE1 - _LINE2
-
-
-class _Bad(Exception):
-    """Internal: malformed pickle; converted to FormatError with file and position."""
-
-
-def _read_line(data, pos: int, end: int, max_line: int) -> tuple[bytes, int]:
-    # Lines are short in practice: look at 64 bytes first, the whole allowance only if needed.
-    for width in (64, max_line + 1):
-        stop = min(end, pos + width)
-        chunk = bytes(data[pos:stop])
-        nl = chunk.find(b"\n")
-        if nl >= 0:
-            return chunk[:nl], pos + nl + 1
-    raise _Bad("unterminated text argument" if stop == end else "text argument too long")
-
-
-def _decode_string_literal(line: bytes) -> bytes:
-    # Protocol 0 STRING: a Python 2 repr, quoted with ' or ".
-    if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
-        raise _Bad("STRING argument is not quoted")
-    return codecs.escape_decode(line[1:-1])[0]
-
-
-def _decode_arg(name: str, data, pos: int, end: int, limits: Limits):
-    """(argument, new position) of the opcode `name` whose argument starts at `pos`."""
-    if name in _NO_ARG:
-        return None, pos
-    if name in _FIXED:
-        fmt = _FIXED[name]
-        size = struct.calcsize(fmt)
-        if pos + size > end:
-            raise _Bad(f"{name} argument runs past the end of the data")
-        return struct.unpack_from(fmt, data, pos)[0], pos + size
-    if name in _COUNTED:
-        fmt, kind = _COUNTED[name]
-        size = struct.calcsize(fmt)
-        if pos + size > end:
-            raise _Bad(f"{name} length runs past the end of the data")
-        n = struct.unpack_from(fmt, data, pos)[0]
-        pos += size
-        if n < 0:
-            raise _Bad(f"{name} has a negative length")
-        if kind == "long" and n > limits.max_long_bytes:
-            raise _Bad(f"{name} integer of {n} bytes exceeds the limit of {limits.max_long_bytes}")
-        if n > end - pos:
-            raise _Bad(f"{name} of {n} bytes runs past the end of the data")
-        raw = bytes(data[pos:pos + n])
-        pos += n
-        if kind == "bytes":
-            return raw, pos
-        if kind == "bytearray":
-            return bytearray(raw), pos
-        if kind == "long":
-            return int.from_bytes(raw, "little", signed=True), pos
-        if kind == "utf8":
-            return raw.decode("utf-8", "surrogatepass"), pos
-        return raw, pos  # str8: Python 2 str, decoded by the caller
-    if name in _LINE1:
-        line, pos = _read_line(data, pos, end, limits.max_line)
-        if name == "INT":
-            if line == b"01":
-                return True, pos
-            if line == b"00":
-                return False, pos
-            return int(line), pos
-        if name == "LONG":
-            return int(line[:-1] if line.endswith(b"L") else line), pos
-        if name == "FLOAT":
-            return float(line), pos
-        if name == "STRING":
-            return _decode_string_literal(line), pos
-        if name == "UNICODE":
-            return line.decode("raw-unicode-escape"), pos
-        if name in ("GET", "PUT"):
-            return int(line), pos
-        return line.decode("ascii"), pos  # PERSID
-    if name in _LINE2:
-        module, pos = _read_line(data, pos, end, limits.max_line)
-        qual, pos = _read_line(data, pos, end, limits.max_line)
-        return (module.decode("utf-8"), qual.decode("utf-8")), pos
-    return None, pos
-
-
-@dataclass
-class Op:
-    pos: int
-    name: str
-    arg: object = None
-
-
-def iter_opcodes(data, start: int = 0, *, path=None, limits: Limits = DEFAULT_LIMITS) -> Iterator[Op]:
-    """Decode opcodes from `start` up to and including STOP, without executing anything."""
-    end = len(data)
-    pos = start
-    count = 0
-    while True:
-        if pos >= end:
-            raise FormatError(path, f"pickle at byte {start} is truncated (no STOP opcode)")
-        code = data[pos]
-        name = OPNAMES.get(code)
-        if name is None:
-            raise FormatError(path, f"bad pickle: unknown opcode 0x{code:02x} at byte {pos}")
-        count += 1
-        if count > limits.max_ops:
-            raise FormatError(path, f"pickle exceeds {limits.max_ops} opcodes")
-        try:
-            arg, new = _decode_arg(name, data, pos + 1, end, limits)
-        except (_Bad, ValueError, UnicodeDecodeError, struct.error) as e:
-            raise FormatError(path, f"bad pickle at byte {pos} ({name}): {e}") from None
-        yield Op(pos, name, arg)
-        if name == "STOP":
-            return
-        pos = new
-
-
-@dataclass
-class ScanResult:
-    globals: list  # (module, name) in order of appearance; ("?", "?") when not resolvable
-    opcodes: Counter
-    protocol: int
-    end: int  # position after STOP
-
-
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
-               "SHORT_BINSTRING"}
-
-
-def _stack_effects():
-    import pickletools  # stdlib opcode metadata (stack before/after), used as data only
-
-    out = {}
-    for od in pickletools.opcodes:
-        before = od.stack_before
-        mark = pickletools.markobject in before
-        pops = len([b for b in before if b not in (pickletools.markobject, pickletools.stackslice)])
-        out[od.name] = (mark, pops, len(od.stack_after))
-    return out
-
-
-_EFFECTS = None
-
-
-def scan(data, start: int = 0, *, path=None, limits: Limits = DEFAULT_LIMITS) -> ScanResult:
-    """Globals and opcode counts of one pickle, found by symbolic execution (nothing runs).
-
-    Only strings are tracked on the symbolic stack (through the memo too), which is what
-    STACK_GLOBAL needs; a STACK_GLOBAL whose operands are not plain strings is reported
-    as ("?", "?") so a scanner can treat it as unsafe.
-    """
-    global _EFFECTS
-    if _EFFECTS is None:
-        _EFFECTS = _stack_effects()
-    other = object()
-    stack, marks, memo = [], [], {}
-    found, counts, proto, end = [], Counter(), 0, start
-    for op in iter_opcodes(data, start, path=path, limits=limits):
-        counts[op.name] += 1
-        name = op.name
-        if name == "PROTO":
-            proto = op.arg
-        if name == "STOP":
-            end = op.pos + 1
-            break
-        if name in ("GLOBAL", "INST"):
-            found.append(tuple(op.arg))
-        if name == "STACK_GLOBAL":
-            qual = stack.pop() if stack else other
-            module = stack.pop() if stack else other
-            ok = isinstance(module, str) and isinstance(qual, str)
-            found.append((module, qual) if ok else ("?", "?"))
-            stack.append(other)
-            continue
-        if name in ("PUT", "BINPUT", "LONG_BINPUT"):
-            memo[op.arg] = stack[-1] if stack else other
-            continue
-        if name == "MEMOIZE":
-            memo[len(memo)] = stack[-1] if stack else other
-            continue
-        if name in ("GET", "BINGET", "LONG_BINGET"):
-            stack.append(memo.get(op.arg, other))
-            continue
-        if name == "DUP":
-            stack.append(stack[-1] if stack else other)
-            continue
-        if name == "MARK":
-            marks.append(len(stack))
-            continue
-        if name in _STRING_OPS:
-            stack.append(op.arg if isinstance(op.arg, str) else other)
-            continue
-        mark, pops, pushes = _EFFECTS[name]
-        if mark:
-            del stack[marks.pop() if marks else 0:]
-        for _ in range(pops):
-            if stack:
-                stack.pop()
-        stack.extend([other] * pushes)
-        if len(stack) > limits.max_stack:
-            raise FormatError(path, "pickle stack exceeds its limit")
-    return ScanResult(found, counts, proto, end)
-
-
-def list_globals(data, start: int = 0, *, path=None) -> list:
-    """The (module, name) pairs a pickle references, without executing it."""
-    return scan(data, start, path=path).globals
-
-
-# --- the interpreter ---------------------------------------------------------------------
+# --- the machine -------------------------------------------------------------------------
 
 _SCALAR_KEYS = (str, bytes, float, bool, type(None), complex)
 _TOKEN_KEYS = (Global, UnknownGlobal, UnknownObject, Marker)
+_PLAIN_NAMES = (list, set, frozenset, tuple, dict, str, bytes, bytearray, type(None))
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_FAILED = object()  # a handler refused its arguments
 
 
-class Unpickler:
-    """Run one pickle as data. `globals_` maps (module, name) -> GlobalSpec (the allowlist).
+def _fix_import(module: str, name: str) -> tuple[str, str]:
+    # Protocol 0-2 pickles written by Python 2 use old module names (data tables only).
+    import _compat_pickle
 
-    `build_handlers` maps one of our own types to `fn(ctx, obj, state) -> replacement or None`.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _build_handlers(table) -> tuple[dict, dict]:
+    """({type: BUILD handler}, {type: name of the global that makes it}) from the table."""
+    handlers, makers = {}, {}
+    for (module, name), spec in table.items():
+        if spec.makes is not None:
+            handlers[spec.makes] = spec.build
+            makers.setdefault(spec.makes, f"{module}.{name}")
+    return handlers, makers
+
+
+_BUILD_HANDLERS, _MAKERS = _build_handlers(GLOBALS)
+
+
+class Machine:
+    """Interprets one pickle as data; its `policy` decides what a refusal or a failure means.
+
+    Handlers use: `fail` (cannot take these arguments), `refuse` (unsafe), `charge` (work),
+    `check_key(s)`, `call` (another global of the table), `path`, `allow_unknown_globals`.
     `persistent_load(ctx, pid)` resolves PERSID/BINPERSID (torch storages).
     """
 
-    def __init__(self, data, *, path=None, where: str = "pickle", start: int = 0, end: int | None = None,
-                 globals_: dict | None = None, build_handlers: dict | None = None,
-                 persistent_load: Callable | None = None, allow_unknown_globals: bool = False,
-                 limits: Limits | None = None, extra_key_types: tuple = ()):
+    def __init__(self, data, policy, *, path=None, where: str = "pickle", start: int = 0, end: int | None = None,
+                 persistent_load: Callable | None = None, limits: Limits | None = None):
         self.data = data
+        self.policy = policy
+        self.scanning = policy.scanning
+        self.allow_unknown_globals = policy.allow_unknown_globals
         self.path = path
         self.where = where
         self.start = start
         self.end = len(data) if end is None else end
-        if globals_ is None or build_handlers is None:
-            from .pickle_globals import BASE_BUILD, BASE_GLOBALS
-        self.globals = BASE_GLOBALS if globals_ is None else globals_
-        self.build_handlers = BASE_BUILD if build_handlers is None else build_handlers
+        self.globals = GLOBALS
         self.persistent_load = persistent_load
-        self.allow_unknown_globals = allow_unknown_globals
         self.limits = limits or DEFAULT_LIMITS
-        self.key_types = _TOKEN_KEYS + tuple(extra_key_types)
+        self.key_types = _TOKEN_KEYS + KEY_TYPES
         # Types hashed in O(1) by value or by identity (frozensets cache their hash).
         self._fast_key_types = frozenset(_SCALAR_KEYS + self.key_types + (frozenset,))
         self.stack: list = []
@@ -407,23 +112,33 @@ class Unpickler:
         self.floor = 0  # items below the innermost MARK are invisible, as in CPython
         self.memo: dict = {}
         self.proto = 0
-        self.pos = start
-        self.op_pos = start
+        self.pos = self.op_pos = start
         self.ops = 0
         self.work = 0
-        self.globals_seen: list = []  # "module.name", first appearance order
-        self.unknown_globals: list = []
+        self.handlers_off = False  # after the work budget is spent, every call is a placeholder
+        self.failure: WconvError | None = None  # the first argument a handler refused
+        self.n_failures = 0
+        self.seen: dict = {}  # (module, name) -> in the table?, in order of first appearance
         self.end_pos = None  # position after STOP
+        self.value = None
 
-    # -- errors and accounting, for handlers too --
+    # -- for handlers: errors, refusals, accounting --
     def fail(self, message: str, cls=FormatError):
+        """wconv cannot take these arguments (not a safety matter)."""
         raise cls(self.path, f"{self.where}: {message}")
+
+    def refuse(self, reason: str, message: str):
+        """An unsafe use. Load: UnsafeFileError(`message`). Scan: `reason` is recorded and the
+        operation is abandoned for a placeholder."""
+        self.policy.refuse(self, reason, message)
+        raise _Refused
 
     def charge(self, amount: int) -> None:
         """Account handler work (items hashed, bytes copied) against the budget."""
         self.work += amount
         budget = self.limits.work_base + self.limits.work_per_byte * (self.pos - self.start)
         if self.work > budget:
+            self.handlers_off = True
             self.fail("pickle needs more work than its size allows (crafted to exhaust memory or time?)")
 
     def check_keys(self, keys) -> None:
@@ -451,7 +166,7 @@ class Unpickler:
             todo, seen = [(key, 0)], 0
             while todo:
                 tup, depth = todo.pop()
-                if depth > 16:
+                if depth > self.limits.max_key_depth:
                     self.fail("tuple used as a dict key is nested too deeply")
                 for item in tup:
                     seen += 1
@@ -468,75 +183,165 @@ class Unpickler:
             return
         self.fail(f"{t.__name__} cannot be a dict key or set element")
 
+    def call(self, func, args, kwargs=None, *, new: bool = False, op: str | None = None):
+        """REDUCE/NEWOBJ (and handlers that call another global): our handler for a global of
+        the table, an UnknownObject record for an unknown one; anything else is refused."""
+        op = op or ("NEWOBJ" if new else "REDUCE")
+        if type(args) is not tuple:
+            raise Malformed("call arguments are not a tuple")
+        if kwargs is not None and type(kwargs) is not dict:
+            raise Malformed("NEWOBJ_EX keyword arguments are not a dict")
+        t = type(func)
+        if t is UnknownGlobal:
+            return UnknownObject(func, args, kwargs)
+        if t is not Global:
+            self.refuse(f"{op} calls {self._callee(func)} rather than a named global",
+                        f"refusing {op}: cannot call a {t.__name__} (only named globals of the allowlist are called)")
+        spec = self.globals[(func.module, func.name)]
+        handler = spec.new if new else spec.call
+        if handler is None and new:
+            self.refuse(f"{op} instantiates {func}, which wconv does not build that way",
+                        f"refusing {op} of '{func}': wconv does not build it that way (it cannot be instantiated "
+                        "with NEWOBJ)")
+        if handler is None:
+            self.refuse(f"{op} calls {func}, which is allowed only as a type name",
+                        f"refusing to call '{func}': it cannot be called (it is allowed only as a type name)")
+        result = self._handle(_FAILED, handler, args, kwargs or {}) if new else self._handle(_FAILED, handler, args)
+        if result is _FAILED:
+            result = UnknownObject(func, args, kwargs)
+        self.policy.made(self, result, func)
+        return result
+
+    # -- internals --
+    def _handle(self, placeholder, fn, *args):
+        """Run one of our handlers. When it refuses its arguments, the failure is kept and
+        `placeholder` stands in for the result (see the module docstring)."""
+        if self.handlers_off:
+            return placeholder
+        try:
+            return fn(self, *args)
+        except _Refused:
+            return placeholder
+        except UnsafeFileError:
+            raise
+        except WconvError as e:
+            self._failed(e)
+        except _DATA_ERRORS as e:
+            self._failed(self._error(str(e)))
+        return placeholder
+
+    def _failed(self, error: WconvError) -> None:
+        if self.failure is None:
+            self.failure = error
+        self.n_failures += 1
+
+    def _error(self, text: str, cls=FormatError) -> WconvError:
+        op = OPNAMES.get(self.data[self.op_pos], "?") if self.op_pos < self.end else "end of data"
+        return cls(self.path, f"{self.where}: bad pickle at byte {self.op_pos} ({op}): {text}")
+
+    def _keys_ok(self, keys) -> bool:
+        try:
+            self.check_keys(keys)
+            return True
+        except FormatError as e:
+            self._failed(e)
+            return False
+
+    def origin(self, obj) -> str | None:
+        """The global whose call made `obj`, where known (for messages)."""
+        t = type(obj)
+        if t is UnknownObject:
+            return str(obj.cls) if type(obj.cls) in (Global, UnknownGlobal) else "?"
+        if isinstance(obj, Pending):
+            return obj.origin
+        return self.policy.origin(obj) or _MAKERS.get(t)
+
+    def name_of(self, obj) -> str:
+        t = type(obj)
+        if t is Global or t is UnknownGlobal:
+            return str(obj)
+        name = self.origin(obj)
+        if name:
+            return name
+        return t.__name__ if t in _PLAIN_NAMES else "?"
+
+    def _callee(self, obj) -> str:
+        name = self.origin(obj)
+        return f"the result of {name}" if name else "a computed object"
+
+    # -- the main loop --
+    def run(self):
+        """Interpret from `start` to STOP; what comes back (or is raised) is the policy's."""
+        data, end, limits, stack = self.data, self.end, self.limits, self.stack
+        max_ops, max_stack = limits.max_ops, limits.max_stack
+        dispatch = {code: (name, getattr(self, "op_" + name)) for code, name in OPNAMES.items()}
+        counts = self.policy.opcode_counts
+        self.pos = self.start
+        try:
+            while self.end_pos is None:
+                if self.pos >= end:
+                    raise Malformed("truncated (no STOP opcode)")
+                self.op_pos = self.pos
+                entry = dispatch.get(data[self.pos])
+                if entry is None:
+                    raise Malformed(f"unknown opcode 0x{data[self.pos]:02x}")
+                self.ops += 1
+                if self.ops > max_ops:
+                    raise Malformed(f"more than {max_ops} opcodes")
+                if counts is not None:
+                    counts[entry[0]] += 1
+                arg, self.pos = decode_arg(entry[0], data, self.pos + 1, end, limits)
+                entry[1](arg)
+                if len(stack) > max_stack:
+                    raise Malformed(f"stack exceeds {max_stack} items")
+        except UnsafeFileError:
+            raise
+        except WconvError as e:
+            return self.policy.stop(self, e)
+        except RecursionError:
+            return self.policy.stop(self, self._error("nested too deeply"))
+        except MemoryError:
+            return self.policy.stop(self, self._error("out of memory", UnsupportedError))
+        except _DATA_ERRORS as e:
+            return self.policy.stop(self, self._error(str(e)))
+        return self.policy.finish(self, self.value)
+
     # -- stack helpers --
     def _push(self, obj):
         self.stack.append(obj)
 
     def _pop(self):
         if len(self.stack) <= self.floor:
-            raise _Bad("stack underflow")
+            raise Malformed("stack underflow")
         return self.stack.pop()
 
     def _top(self):
         if len(self.stack) <= self.floor:
-            raise _Bad("stack underflow")
+            raise Malformed("stack underflow")
         return self.stack[-1]
 
     def _pop_mark(self) -> list:
         if not self.marks:
-            raise _Bad("MARK expected but not found")
+            raise Malformed("MARK expected but not found")
         i = self.marks.pop()
         items = self.stack[i:]
         del self.stack[i:]
         self.floor = self.marks[-1] if self.marks else 0
         return items
 
-    # -- main loop --
-    def load(self):
-        data, end, limits, stack = self.data, self.end, self.limits, self.stack
-        max_ops, max_stack = limits.max_ops, limits.max_stack
-        dispatch = {code: (name, getattr(self, "op_" + name)) for code, name in OPNAMES.items()}
-        self.pos = self.start
-        try:
-            while self.end_pos is None:
-                if self.pos >= end:
-                    raise _Bad("truncated (no STOP opcode)")
-                self.op_pos = self.pos
-                code = data[self.pos]
-                entry = dispatch.get(code)
-                if entry is None:
-                    raise _Bad(f"unknown opcode 0x{code:02x}")
-                self.ops += 1
-                if self.ops > max_ops:
-                    raise _Bad(f"more than {max_ops} opcodes")
-                arg, self.pos = _decode_arg(entry[0], data, self.pos + 1, end, limits)
-                entry[1](arg)
-                if len(stack) > max_stack:
-                    raise _Bad(f"stack exceeds {max_stack} items")
-        except WconvError:
-            raise
-        except RecursionError:
-            self.fail(f"bad pickle at byte {self.op_pos}: nested too deeply")
-        except MemoryError:
-            self.fail(f"bad pickle at byte {self.op_pos}: out of memory", UnsupportedError)
-        except (_Bad, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
-                UnicodeError, struct.error) as e:
-            op = OPNAMES.get(data[self.op_pos], "?") if self.op_pos < end else "end of data"
-            self.fail(f"bad pickle at byte {self.op_pos} ({op}): {e}")
-        result = self.stack.pop()
-        check_graph(result, self)
-        return result
-
     # -- opcodes: stack shuffling --
     def op_MARK(self, _):
         if len(self.marks) >= self.limits.max_marks:
-            raise _Bad("MARK nested too deeply")
+            raise Malformed("MARK nested too deeply")
         self.marks.append(len(self.stack))
         self.floor = len(self.stack)
 
     def op_STOP(self, _):
-        if self.marks or len(self.stack) != 1:
-            raise _Bad("STOP with an unbalanced stack")
+        value = self._pop()
+        if self.marks or self.stack:
+            # An unpickler returns the top item regardless; wconv does not take such a pickle.
+            self._failed(self._error("STOP with an unbalanced stack"))
+        self.value = value
         self.end_pos = self.pos
 
     def op_POP(self, _):
@@ -553,12 +358,12 @@ class Unpickler:
 
     def op_PROTO(self, v):
         if v > 5:
-            raise _Bad(f"unsupported pickle protocol {v}")
+            raise Malformed(f"unsupported pickle protocol {v}")
         self.proto = v
 
     def op_FRAME(self, n):
         if n > self.end - self.pos:
-            raise _Bad("FRAME runs past the end of the data")
+            raise Malformed("FRAME runs past the end of the data")
 
     # -- opcodes: scalars --
     def _push_arg(self, v):
@@ -612,13 +417,15 @@ class Unpickler:
     def op_LIST(self, _):
         self._push(self._pop_mark())
 
+    # Filling a container wconv does not model is a failure, not the end: an unpickler would
+    # call the real object's method, and what follows must still be seen.
     def _append_to(self, target, items):
         if type(target) is list:
             target.extend(items)
         elif type(target) is UnknownObject:
             target.items.extend(items)
         else:
-            raise _Bad(f"APPEND to a {type(target).__name__}")
+            self._failed(self._error(f"APPEND to a {type(target).__name__}"))
 
     def op_APPEND(self, _):
         v = self._pop()
@@ -630,15 +437,15 @@ class Unpickler:
 
     def _set_items(self, target, items):
         if len(items) % 2:
-            raise _Bad("odd number of items for a dict")
-        if type(target) in _DICT_TYPES:
-            self.check_keys(items[::2])
-            for i in range(0, len(items), 2):
-                target[items[i]] = items[i + 1]
+            raise Malformed("odd number of items for a dict")
+        if type(target) in DICT_TYPES:
+            if self._keys_ok(items[::2]):
+                for i in range(0, len(items), 2):
+                    target[items[i]] = items[i + 1]
         elif type(target) is UnknownObject:
             target.dict_items.extend(zip(items[::2], items[1::2]))
         else:
-            raise _Bad(f"SETITEM on a {type(target).__name__}")
+            self._failed(self._error(f"SETITEM on a {type(target).__name__}"))
 
     def op_EMPTY_DICT(self, _):
         self._push({})
@@ -664,27 +471,26 @@ class Unpickler:
         items = self._pop_mark()
         target = self._top()
         if type(target) is set:
-            self.check_keys(items)
-            target.update(items)
+            if self._keys_ok(items):
+                target.update(items)
         elif type(target) is UnknownObject:
             target.items.extend(items)
         else:
-            raise _Bad(f"ADDITEMS on a {type(target).__name__}")
+            self._failed(self._error(f"ADDITEMS on a {type(target).__name__}"))
 
     def op_FROZENSET(self, _):
         items = self._pop_mark()
-        self.check_keys(items)
-        self._push(frozenset(items))
+        self._push(frozenset(items) if self._keys_ok(items) else frozenset())
 
     # -- opcodes: memo --
     def _memo_put(self, idx):
         if idx < 0 or idx > 0xFFFFFFFF:
-            raise _Bad("memo index out of range")
+            raise Malformed("memo index out of range")
         if idx not in self.memo and len(self.memo) >= self.limits.max_memo:
-            raise _Bad(f"more than {self.limits.max_memo} memo entries")
+            raise Malformed(f"more than {self.limits.max_memo} memo entries")
         obj = self._top()
         self.memo[idx] = obj
-        if isinstance(obj, _Pending):
+        if isinstance(obj, Pending):
             obj.memo_keys.append(idx)
 
     op_PUT = op_BINPUT = op_LONG_BINPUT = _memo_put
@@ -694,30 +500,33 @@ class Unpickler:
 
     def _memo_get(self, idx):
         if idx not in self.memo:
-            raise _Bad(f"memo entry {idx} was never stored")
+            raise Malformed(f"memo entry {idx} was never stored")
         self._push(self.memo[idx])
 
     op_GET = op_BINGET = op_LONG_BINGET = _memo_get
 
     # -- opcodes: globals and object construction --
     def resolve_global(self, module, name):
-        if not isinstance(module, str) or not isinstance(name, str):
-            raise _Bad("STACK_GLOBAL operands are not strings")
+        """What GLOBAL/STACK_GLOBAL/INST push: a token (or constant) from the table, else the
+        policy's answer for an unknown global."""
+        if type(module) is not str or type(name) is not str:
+            self.seen.setdefault(("?", "?"), False)
+            return self.policy.unknown_global(
+                self, UnknownGlobal("?", "?"), "STACK_GLOBAL with operands that are not plain strings (global name "
+                "hidden)", "refusing STACK_GLOBAL whose operands are not strings: the global it names is hidden; "
+                "nothing was executed")
         if self.proto < 3:
             module, name = _fix_import(module, name)
-        qual = f"{module}.{name}"
         spec = self.globals.get((module, name))
+        self.seen.setdefault((module, name), spec is not None)
         if spec is not None:
-            if qual not in self.globals_seen:
-                self.globals_seen.append(qual)
             return spec.value if spec.value is not None else Global(module, name)
-        if self.allow_unknown_globals:
-            if qual not in self.unknown_globals:
-                self.unknown_globals.append(qual)
-            return UnknownGlobal(module, name)
-        self.fail(f"refusing global '{qual}': it is not on the allowlist of data types, so loading "
-                  "could run code; nothing was executed (`wconv inspect --allow-unknown-globals` shows it "
-                  "as an inert placeholder)", UnsafeFileError)
+        qual = f"{module}.{name}"
+        calls = " and may call it" if IDENTIFIER.match(module) and IDENTIFIER.match(name) else ""
+        return self.policy.unknown_global(
+            self, UnknownGlobal(module, name), f"global {qual} is not an allowed data type (loading would import it"
+            f"{calls})", f"refusing global '{qual}': it is not on the allowlist of data types, so loading could run "
+            "code; nothing was executed (`wconv inspect --allow-unknown-globals` shows it as an inert placeholder)")
 
     def op_GLOBAL(self, arg):
         self._push(self.resolve_global(*arg))
@@ -727,86 +536,115 @@ class Unpickler:
         module = self._pop()
         self._push(self.resolve_global(module, name))
 
-    def call(self, func, args, kwargs=None, *, new=False):
-        """REDUCE/NEWOBJ: run our handler for an allowlisted global (also used by handlers)."""
-        if type(args) is not tuple:
-            raise _Bad("call arguments are not a tuple")
-        if kwargs is not None and type(kwargs) is not dict:
-            raise _Bad("NEWOBJ_EX keyword arguments are not a dict")
-        if type(func) is UnknownGlobal:
+    @staticmethod
+    def _target(func) -> str:
+        return str(func) if type(func) in (Global, UnknownGlobal) else "?"
+
+    def _call_op(self, op, func, args, kwargs=None, new=False):
+        if self.scanning:
+            self.policy.count(op, self._target(func))
+        try:
+            return self.call(func, args, kwargs, new=new, op=op)
+        except _Refused:
             return UnknownObject(func, args, kwargs)
-        if type(func) is not Global:
-            raise _Bad(f"cannot call a {type(func).__name__}")
-        spec = self.globals[(func.module, func.name)]
-        if new:
-            if spec.new is None:
-                raise _Bad(f"'{func}' cannot be instantiated with NEWOBJ")
-            return spec.new(self, args, kwargs or {})
-        if kwargs:
-            raise _Bad(f"'{func}' takes no keyword arguments")
-        if spec.call is None:
-            raise _Bad(f"'{func}' cannot be called")
-        return spec.call(self, args)
 
     def op_REDUCE(self, _):
         args = self._pop()
         func = self._pop()
-        self._push(self.call(func, args))
+        if self.scanning:
+            self.policy.reduce(self, func, args)
+        self._push(self._call_op("REDUCE", func, args))
 
     def op_NEWOBJ(self, _):
         args = self._pop()
         cls = self._pop()
-        self._push(self.call(cls, args, new=True))
+        self._push(self._call_op("NEWOBJ", cls, args, new=True))
 
     def op_NEWOBJ_EX(self, _):
         kwargs = self._pop()
         args = self._pop()
         cls = self._pop()
-        self._push(self.call(cls, args, kwargs, new=True))
+        self._push(self._call_op("NEWOBJ_EX", cls, args, kwargs, new=True))
 
     def op_BUILD(self, _):
         state = self._pop()
         inst = self._top()
-        if type(inst) is UnknownObject:
-            inst.state = state
+        t = type(inst)
+        if self.scanning:
+            self.policy.count("BUILD", self.name_of(inst))
+        if t is UnknownObject and not (type(inst.cls) is Global and self.globals[
+                (inst.cls.module, inst.cls.name)].build is None):
+            inst.state = state  # a record: unknown global, or an argument our handler refused
             return
-        handler = self.build_handlers.get(type(inst))
+        handler = _BUILD_HANDLERS.get(t)
         if handler is None:
-            self.fail(f"refusing BUILD (set state) on a {type(inst).__name__}: only known data types "
-                      "may be built", UnsafeFileError)
-        replacement = handler(self, inst, state)
+            name = self.name_of(inst)
+            what = f"the result of '{name}'" if t is UnknownObject else f"a {t.__name__}"
+            try:
+                self.refuse(f"BUILD sets the state of {'an object of unknown origin' if name == '?' else name} "
+                            "(it could set any attribute)",
+                            f"refusing BUILD (set state) on {what}: only known data types may be built")
+            except _Refused:
+                return
+        replacement = self._handle(None, handler, inst, state)
         if replacement is not None:
             self.stack[-1] = replacement
-            if isinstance(inst, _Pending):
+            if isinstance(inst, Pending):
                 for k in inst.memo_keys:
                     if self.memo.get(k) is inst:
                         self.memo[k] = replacement
 
-    def _refuse_instance_op(self, cls, args):
+    def _instantiate(self, op, cls, args):
+        # INST/OBJ: class(*args) in a real unpickler; wconv builds nothing this way.
+        named = type(cls) in (Global, UnknownGlobal)
+        if self.scanning:
+            self.policy.count(op, self._target(cls))
+        what = str(cls) if named else "a computed object"
+        reason = f"{op} instantiates {what}"
         if type(cls) is UnknownGlobal:
-            return UnknownObject(cls, tuple(args))
-        raise _Bad(f"INST/OBJ construction of '{cls}' is not supported")
+            self.policy.flag(self, reason)
+        else:
+            try:
+                self.refuse(reason, f"refusing INST/OBJ construction of {repr(what) if named else what}: wconv does "
+                                    "not build objects that way")
+            except _Refused:
+                pass
+        self._push(UnknownObject(cls, tuple(args)))
 
     def op_INST(self, arg):
         cls = self.resolve_global(*arg)
-        self._push(self._refuse_instance_op(cls, self._pop_mark()))
+        self._instantiate("INST", cls, self._pop_mark())
 
     def op_OBJ(self, _):
         items = self._pop_mark()
         if not items:
-            raise _Bad("OBJ without a class")
-        self._push(self._refuse_instance_op(items[0], items[1:]))
+            raise Malformed("OBJ without a class")
+        self._instantiate("OBJ", items[0], items[1:])
 
     def _ext(self, code):
-        self.fail(f"refusing extension-registry opcode (code {code}): it names a global indirectly",
-                  UnsafeFileError)
+        self.policy.ext(code)
+        try:
+            self.refuse(f"extension code {code} (EXT opcode: names a global indirectly, through copyreg's registry)",
+                        f"refusing extension-registry opcode (code {code}): it names a global indirectly")
+        except _Refused:
+            self._push(UnknownGlobal("?", f"extension code {code}"))
 
     op_EXT1 = op_EXT2 = op_EXT4 = _ext
 
-    def _buffer(self, _):
-        self.fail("out-of-band pickle buffers (protocol 5) are not supported", UnsupportedError)
+    def _buffer(self, push: bool):
+        self.policy.buffer()
+        try:
+            self.refuse("protocol-5 out-of-band buffer (data supplied from outside the file)",
+                        "refusing out-of-band pickle buffers (protocol 5): their data would come from outside the file")
+        except _Refused:
+            if push:
+                self._push(UnknownObject("out-of-band buffer"))
 
-    op_NEXT_BUFFER = op_READONLY_BUFFER = _buffer
+    def op_NEXT_BUFFER(self, _):
+        self._buffer(True)
+
+    def op_READONLY_BUFFER(self, _):
+        self._buffer(False)
 
     def op_PERSID(self, pid):
         self._persistent(pid)
@@ -815,28 +653,23 @@ class Unpickler:
         self._persistent(self._pop())
 
     def _persistent(self, pid):
+        self.policy.persistent_id()
+        placeholder = UnknownObject("persistent id", (pid,))
         if self.persistent_load is None:
-            raise _Bad("persistent id in a pickle that has no external storage")
-        self._push(self.persistent_load(self, pid))
+            self._failed(self._error("persistent id in a pickle that has no external storage"))
+            self._push(placeholder)
+        else:
+            self._push(self._handle(placeholder, self.persistent_load, pid))
 
 
-_DICT_TYPES = (dict, OrderedDict, Counter, Namespace)
-
-
-def _fix_import(module: str, name: str) -> tuple[str, str]:
-    # Protocol 0-2 pickles written by Python 2 use old module names (data tables only).
-    import _compat_pickle
-
-    if (module, name) in _compat_pickle.NAME_MAPPING:
-        return _compat_pickle.NAME_MAPPING[(module, name)]
-    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+# --- the finished object graph ------------------------------------------------------------
 
 
 def _children(obj):
     t = type(obj)
     if t in (list, tuple, set, frozenset):
         return obj
-    if isinstance(obj, dict) and t in _DICT_TYPES:
+    if isinstance(obj, dict) and t in DICT_TYPES:
         kids = list(obj.keys()) + list(obj.values())
         meta = getattr(obj, "_metadata", None) if t is OrderedDict else None
         if meta is not None:
@@ -863,7 +696,7 @@ def check_graph(root, ctx) -> None:
     max_depth = ctx.limits.max_depth
     done: dict = {}  # id -> (height, size as a tree) of finished containers
     on_path: set = set()
-    if isinstance(root, _Pending):
+    if isinstance(root, Pending):
         ctx.fail("unfinished object (REDUCE without its BUILD)")
     kids = _children(root)
     if kids is None:
@@ -877,7 +710,7 @@ def check_graph(root, ctx) -> None:
         frame = stack[-1]
         for child in frame[1]:
             edges += 1
-            if isinstance(child, _Pending):
+            if isinstance(child, Pending):
                 ctx.fail("unfinished object (REDUCE without its BUILD)")
             cid = id(child)
             if cid in on_path:
@@ -906,12 +739,222 @@ def check_graph(root, ctx) -> None:
                 parent = stack[-1]
                 parent[2] = max(parent[2], h + 1)
                 parent[3] += size
-    if done[id(root)][1] > 4 * edges + (1 << 20):
+    if done[id(root)][1] > ctx.limits.tree_factor * edges + ctx.limits.tree_slack:
         ctx.fail("shared references expand to an enormous tree when walked (crafted pickle?)")
+
+
+# --- the two policies --------------------------------------------------------------------
+
+
+class _Policy:
+    scanning = False
+    allow_unknown_globals = False
+    opcode_counts = None  # a Counter to count opcodes into, or None
+
+    # What scanning records; loading needs none of it.
+    def flag(self, vm, reason):
+        pass
+
+    def count(self, op, target):
+        pass
+
+    def made(self, vm, result, func):
+        pass
+
+    def origin(self, obj):
+        return None
+
+    def reduce(self, vm, func, args):
+        pass
+
+    def ext(self, code):
+        pass
+
+    def buffer(self):
+        pass
+
+    def persistent_id(self):
+        pass
+
+
+class LoadPolicy(_Policy):
+    """Refuse anything unsafe at once; a refused argument is raised when the pickle ends."""
+
+    def __init__(self, allow_unknown_globals: bool = False):
+        self.allow_unknown_globals = allow_unknown_globals
+
+    def unknown_global(self, vm, token, reason, message):
+        if self.allow_unknown_globals:
+            return token
+        raise UnsafeFileError(vm.path, f"{vm.where}: {message}")
+
+    def refuse(self, vm, reason, message):
+        raise UnsafeFileError(vm.path, f"{vm.where}: {message}")
+
+    def stop(self, vm, error):
+        raise vm.failure or error
+
+    def finish(self, vm, value):
+        if vm.failure is not None:
+            raise vm.failure
+        check_graph(value, vm)
+        return value
+
+
+# Calls that unpickle bytes: their argument is scanned as a nested pickle.
+_PICKLE_LOADERS = {("pickle", "loads"), ("_pickle", "loads"), ("cPickle", "loads"), ("pickle", "_loads"),
+                   ("dill", "loads"), ("cloudpickle", "loads"), ("joblib", "load")}
+_UNNAMED = (type(None), bool, int, float, complex, str, bytes)  # shared values: not named by origin
+
+
+class PickleScan:
+    """What one pickle would do (the scan policy's record). `safe`: no reasons."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.protocol = 0
+        self.n_opcodes = 0
+        self.opcodes: Counter = Counter()
+        self.end = None  # position after STOP
+        self.globals: list = []  # (module, name) in order of appearance; ("?", "?") for a hidden one
+        self.unknown: list = []  # "module.name" outside the table
+        self.calls: dict = {}  # opcode -> Counter(target)
+        self.ext: list = []
+        self.buffers = 0
+        self.persistent_ids = 0
+        self.reasons: list = []
+        self.nested: list = []
+        self.error = None  # why decoding stopped before STOP
+        self.failures = 0  # arguments wconv's handlers refused (not unsafe: loading fails, nothing runs)
+        self.value = None  # the result, placeholders included
+        self.max_listed = DEFAULT_LIMITS.max_listed
+
+    @property
+    def safe(self) -> bool:
+        return not self.reasons
+
+    def reason(self, text: str):
+        if len(self.reasons) < self.max_listed and text not in self.reasons:
+            self.reasons.append(text)
+
+    def as_dict(self) -> dict:
+        n = self.max_listed
+        out = {"name": self.label, "protocol": self.protocol, "n_opcodes": self.n_opcodes, "safe": self.safe,
+               "globals": [f"{m}.{q}" for m, q in self.globals if m != "?"][:n],
+               "unknown_globals": self.unknown[:n],
+               "calls": {op: dict(c.most_common(n)) for op, c in self.calls.items()},
+               "extension_codes": self.ext[:n], "out_of_band_buffers": self.buffers,
+               "persistent_ids": self.persistent_ids, "reasons": self.reasons}
+        if self.error:
+            out["error"] = self.error
+        if self.nested:
+            out["nested"] = [p.as_dict() for p in self.nested]
+        return out
+
+
+ScanResult = PickleScan  # the name scan_torch_file's callers know
+
+
+class ScanPolicy(_Policy):
+    """Record every unsafe use as a reason and go on with placeholders; never raise."""
+
+    scanning = True
+
+    def __init__(self, record: PickleScan, limits: Limits, depth: int = 0):
+        self.record = record
+        self.limits = limits
+        self.depth = depth
+        self.opcode_counts = record.opcodes
+        self._named: dict = {}  # id -> (result, name of the global that made it)
+
+    def unknown_global(self, vm, token, reason, message):
+        self.record.reason(reason)
+        return token
+
+    def refuse(self, vm, reason, message):
+        self.record.reason(reason)
+
+    def flag(self, vm, reason):
+        self.record.reason(reason)
+
+    def stop(self, vm, error):
+        self.record.error = error.message[len(vm.where) + 2:] if error.message.startswith(vm.where + ": ") \
+            else error.message
+
+    def finish(self, vm, value):
+        return value
+
+    def count(self, op, target):
+        self.record.calls.setdefault(op, Counter())[target] += 1
+
+    def made(self, vm, result, func):
+        if type(result) in _UNNAMED or (type(result) is tuple and not result):
+            return
+        if len(self._named) < self.limits.max_named_results:
+            self._named[id(result)] = (result, str(func))
+
+    def origin(self, obj):
+        entry = self._named.get(id(obj))
+        return entry[1] if entry is not None and entry[0] is obj else None
+
+    def reduce(self, vm, func, args):
+        if not (type(func) is UnknownGlobal and (func.module, func.name) in _PICKLE_LOADERS):
+            return
+        if type(args) is not tuple or not args or type(args[0]) not in (bytes, bytearray):
+            return
+        if self.depth >= self.limits.nested_depth:
+            self.record.reason("pickles nested too deeply to scan")
+            return
+        inner = scan(bytes(args[0]), label=f"{self.record.label} > {func} argument", limits=self.limits,
+                     depth=self.depth + 1)
+        if len(self.record.nested) < self.limits.max_nested_listed:
+            self.record.nested.append(inner)
+        for r in inner.reasons:
+            self.record.reason(f"nested pickle: {r}")
+
+    def ext(self, code):
+        if len(self.record.ext) < self.limits.max_listed:
+            self.record.ext.append(code)
+
+    def buffer(self):
+        self.record.buffers += 1
+
+    def persistent_id(self):
+        self.record.persistent_ids += 1
+
+
+# --- entry points -------------------------------------------------------------------------
+
+
+def unpickle(data, *, path=None, where: str = "pickle", start: int = 0, persistent_load: Callable | None = None,
+             allow_unknown_globals: bool = False, limits: Limits | None = None) -> Machine:
+    """Load one pickle under the load policy. The machine comes back finished: `value`,
+    `proto`, `end_pos`, `seen` (globals). Raises WconvError (UnsafeFileError if unsafe)."""
+    vm = Machine(data, LoadPolicy(allow_unknown_globals), path=path, where=where, start=start,
+                 persistent_load=persistent_load, limits=limits)
+    vm.run()
+    return vm
 
 
 def loads(data, *, path=None, where: str = "pickle", allow_unknown_globals: bool = False,
           limits: Limits | None = None):
-    """Unpickle plain Python/numpy data (no torch storages) safely."""
-    return Unpickler(data, path=path, where=where, allow_unknown_globals=allow_unknown_globals,
-                     limits=limits).load()
+    """Unpickle plain data (no torch storages) safely."""
+    return unpickle(data, path=path, where=where, allow_unknown_globals=allow_unknown_globals, limits=limits).value
+
+
+def scan(data, start: int = 0, *, path=None, label: str = "pickle", persistent_load: Callable | None = None,
+         limits: Limits | None = None, depth: int = 0) -> PickleScan:
+    """Run one pickle under the scan policy: what it would import and call. Never raises."""
+    limits = limits or DEFAULT_LIMITS
+    rec = PickleScan(label)
+    rec.max_listed = limits.max_listed
+    vm = Machine(data, ScanPolicy(rec, limits, depth), path=path, where=label, start=start,
+                 persistent_load=persistent_load, limits=limits)
+    rec.value = vm.run()
+    rec.protocol = vm.proto
+    rec.n_opcodes = vm.ops
+    rec.end = vm.end_pos
+    rec.failures = vm.n_failures
+    rec.globals = list(vm.seen)
+    rec.unknown = [f"{m}.{n}" for (m, n), known in vm.seen.items() if not known and m != "?"]
+    return rec

@@ -13,41 +13,23 @@ import os
 import struct
 
 from ..errors import FormatError, UnsupportedError
-from .torch_file import Storage, TorchFile, _storage_pid, make_unpickler
+from .pickle_vm import scan, unpickle
+from .torch_tensors import Storage, storage_pid
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
+LEGACY_PICKLES = ("magic number", "protocol version", "sys_info", "main", "storage keys")
 
 
-def _small_pickle(mf, view, pos, what, limits):
-    vm = make_unpickler(view, path=mf.path, where=f"{what} pickle", start=pos, limits=limits)
-    return vm.load(), vm.end_pos
-
-
-def open_legacy(mf, path, allow_unknown_globals, limits) -> TorchFile:
-    view = mf.view(0, mf.size, "file")  # the pickles are read in place, in order
-    try:
-        magic, pos = _small_pickle(mf, view, 0, "magic number", limits)
-    except FormatError:
-        magic, pos = None, 0
-    if magic != MAGIC_NUMBER or type(magic) is not int:
-        if mf.size > 262 and mf.read(257, 5) == b"ustar":
-            raise UnsupportedError(path, "this is a torch < 0.4 tar checkpoint; re-save it with a newer torch")
-        raise FormatError(path, "not a torch checkpoint (neither a zip archive nor the legacy magic number)")
-    proto, pos = _small_pickle(mf, view, pos, "protocol version", limits)
-    if proto != PROTOCOL_VERSION:
-        raise UnsupportedError(path, f"legacy torch file with protocol version {proto!r:.20} "
-                                     f"(only {PROTOCOL_VERSION} is supported)")
-    sys_info, pos = _small_pickle(mf, view, pos, "sys_info", limits)
-    if type(sys_info) is not dict:
-        raise FormatError(path, "legacy torch file: sys_info is not a dict")
-
+def storage_resolver(path):
+    """(persistent_load, storages, views) for the main pickle: its persistent ids become
+    Storages (root storages by key, torch < 0.4 storage views by view key)."""
     base = os.path.basename(path)
     storages: dict = {}  # root key -> Storage
     views: dict = {}  # view key -> Storage
 
     def persistent_load(ctx, pid):
-        parsed = _storage_pid(ctx, pid, legacy=True)
+        parsed = storage_pid(ctx, pid, legacy=True)
         if parsed is None:  # pickled nn.Module source, tolerated for inspection
             return None
         dt, key, location, numel = parsed
@@ -73,11 +55,37 @@ def open_legacy(mf, path, allow_unknown_globals, limits) -> TorchFile:
         views[vkey] = st
         return st
 
-    vm = make_unpickler(view, path=path, where="main pickle", start=pos, persistent_load=persistent_load,
-                        allow_unknown_globals=allow_unknown_globals, limits=limits)
-    root_obj = vm.load()
-    pos = vm.end_pos
-    keys, pos = _small_pickle(mf, view, pos, "storage keys", limits)
+    return persistent_load, storages, views
+
+
+def _small_pickle(mf, view, pos, what, limits):
+    vm = unpickle(view, path=mf.path, where=f"{what} pickle", start=pos, limits=limits)
+    return vm.value, vm.end_pos
+
+
+def open_legacy(mf, path, allow_unknown_globals, limits):
+    """(machine of the main pickle, {key: Storage}) of a legacy file; storages not yet read."""
+    view = mf.view(0, mf.size, "file")  # the pickles are read in place, in order
+    try:
+        magic, pos = _small_pickle(mf, view, 0, "magic number", limits)
+    except FormatError:
+        magic, pos = None, 0
+    if magic != MAGIC_NUMBER or type(magic) is not int:
+        if mf.size > 262 and mf.read(257, 5) == b"ustar":
+            raise UnsupportedError(path, "this is a torch < 0.4 tar checkpoint; re-save it with a newer torch")
+        raise FormatError(path, "not a torch checkpoint (neither a zip archive nor the legacy magic number)")
+    proto, pos = _small_pickle(mf, view, pos, "protocol version", limits)
+    if proto != PROTOCOL_VERSION:
+        raise UnsupportedError(path, f"legacy torch file with protocol version {proto!r:.20} "
+                                     f"(only {PROTOCOL_VERSION} is supported)")
+    sys_info, pos = _small_pickle(mf, view, pos, "sys_info", limits)
+    if type(sys_info) is not dict:
+        raise FormatError(path, "legacy torch file: sys_info is not a dict")
+
+    persistent_load, storages, views = storage_resolver(path)
+    vm = unpickle(view, path=path, where="main pickle", start=pos, persistent_load=persistent_load,
+                  allow_unknown_globals=allow_unknown_globals, limits=limits)
+    keys, pos = _small_pickle(mf, view, vm.end_pos, "storage keys", limits)
     if type(keys) is not list or not all(type(k) is str for k in keys):
         raise FormatError(path, "legacy torch file: storage key list is not a list of strings")
     if len(set(keys)) != len(keys):
@@ -96,8 +104,25 @@ def open_legacy(mf, path, allow_unknown_globals, limits) -> TorchFile:
     missing = [k for k in storages if k not in set(keys)]
     if missing:
         raise FormatError(path, f"legacy torch file has no data for storage {missing[0]}")
-    return TorchFile(path, "torch-legacy", root_obj, {**storages, **views}, vm.proto, "little",
-                     str(PROTOCOL_VERSION), None, vm.globals_seen, vm.unknown_globals)
+    return vm, {**storages, **views}
+
+
+def scan_stream(view, size, path, *, start=0, labels=LEGACY_PICKLES, limits=None) -> list:
+    """The pickles of a legacy stream from `start`, back to back, scanned without running
+    anything (the main one with its storage ids resolved as loading does). Stops at the
+    end of the data or after a pickle that has no STOP."""
+    persistent_load = storage_resolver(path)[0]
+    out, pos = [], start
+    for label in labels:
+        if pos >= size:
+            break
+        p = scan(view, pos, path=path, label=label, persistent_load=persistent_load if label == "main" else None,
+                 limits=limits)
+        out.append(p)
+        if p.end is None:
+            break
+        pos = p.end
+    return out
 
 
 def _fetcher(mf, header_at: int, st: Storage):
