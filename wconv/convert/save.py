@@ -7,6 +7,7 @@ import os
 
 from ..atomic import atomic_dir, atomic_path, check_target
 from ..errors import UnsupportedError, UsageError
+from ..vocab import announce as announce_tokenizer
 from .load import load_model, load_tokenizer
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
@@ -78,6 +79,7 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
     options = given
     model = load_model(src, tokenizer=tokenizer)
+    announce_tokenizer(model)
     tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
         # pth-to-bin --tokenizer: tokenizer.bin beside the model, checked before anything is written.

@@ -28,11 +28,9 @@ def _bounded_metadata(metadata: dict) -> dict:
 
 
 def _tokenizer_summary(tok):
-    if tok is None:
-        return None
-    return {"model": tok.model, "n_tokens": len(tok.tokens), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "unk_id": tok.unk_id, "pad_id": tok.pad_id, "n_merges": len(tok.merges) if tok.merges else 0,
-            "source": tok.source}
+    from ..vocab import summary
+
+    return summary(tok)
 
 
 def report_for(model) -> dict:
@@ -68,8 +66,11 @@ def _dtype_counts(tensors) -> dict:
 
 def inspect_path(path, *, allow_unknown_globals: bool = False) -> dict:
     from ..convert.load import load_model
+    from ..vocab import as_model
 
-    model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
+    model = as_model(path)  # a tokenizer file: a report with no tensors and its tokenizer section
+    if model is None:
+        model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
     return report_for(model)
 
 
@@ -113,8 +114,9 @@ def format_text(report: dict) -> str:
             lines.append(f"  {k:<15} {shown}")
     tok = report.get("tokenizer")
     if tok:
-        lines.append(f"tokenizer: {tok['model']}, {tok['n_tokens']} tokens"
-                     + (f" (from {tok['source']})" if tok.get("source") else ""))
+        from ..vocab import format_summary
+
+        lines += format_summary(tok)
     lines += ["", _tensor_table(report.get("tensors") or [])]
     lines.append(f"total: {report.get('n_tensors', 0)} tensors, {report.get('n_params', 0):,} params "
                  f"({_human_count(report.get('n_params', 0))}), {_human_bytes(report.get('n_bytes', 0))}"
