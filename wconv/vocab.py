@@ -343,6 +343,8 @@ def as_model(path):
     if os.path.isdir(path) or not os.path.isfile(path):
         return None
     kind = sniff(path)
+    if kind in ("hf-tokenizer-config", "hf-generation-config"):
+        raise UnsupportedError(path, f"is {WHAT[kind]}; inspect the tokenizer.json or tokenizer.model beside it")
     if kind not in TOKENIZER_KINDS:
         return None
     tok = _load(path, kind)
