@@ -9,13 +9,16 @@ A file of any other kind given as a tokenizer is refused saying what it is.
 """
 from __future__ import annotations
 
+import math
 import os
+import struct
 
 from .errors import FormatError, UnsupportedError, WconvError
 from .model import Config, Model, Tokenizer
 
 SNIFF_BYTES = 4096
 MAX_SIDE_FILE = 64 << 20  # files beside a model larger than this are not tokenizers
+MAX_FILES_BESIDE = 256  # a model directory holds tens of files; do not read through a huge one
 TOKENIZER_KINDS = ("sentencepiece", "tiktoken", "hf-tokenizer-json", "gpt2-vocab-json", "bpe-merges",
                    "llama2c-tokenizer")
 # What each kind is, for messages ("X is <this>").
@@ -28,7 +31,7 @@ WHAT = {
     "llama2c-tokenizer": "a llama2.c tokenizer.bin",
     "hf-tokenizer-config": "a Hugging Face tokenizer_config.json (settings only, no vocabulary)",
     "hf-generation-config": "a Hugging Face generation_config.json (no vocabulary)",
-    "gguf": "a GGUF file",
+    "gguf": "a GGUF file", "gpt2-vocab": "a GPT-2 style vocab.json / encoder.json + merges pair",
     "torch-zip": "a torch checkpoint (zip)", "torch-legacy": "a torch checkpoint (legacy pickle)",
     "safetensors": "a safetensors file", "ggml": "a GGML/GGJT model", "llama2c": "a llama2.c model .bin",
     "json": "a JSON file that is no tokenizer file", "directory": "a directory", "empty": "an empty file",
@@ -77,6 +80,12 @@ def _looks_like_llama2c_tokenizer(path, head: bytes) -> bool:
     max_len = int.from_bytes(head[:4], "little")
     if not 0 < max_len <= 1024:
         return False
+    pos = 4  # the records in the head must parse before the whole file is tried
+    while pos + 8 <= len(head):
+        score, n = struct.unpack_from("<fi", head, pos)
+        if not (0 <= n <= max_len and math.isfinite(score)):
+            return False
+        pos += 8 + n
     try:
         llama2c_tokenizer.read(path)
     except WconvError:
@@ -84,8 +93,15 @@ def _looks_like_llama2c_tokenizer(path, head: bytes) -> bool:
     return True
 
 
-def sniff(path) -> str:
-    """The kind of file `path` is, from its content (a key of WHAT)."""
+_JSON_KINDS = {"hf-tokenizer-json", "gpt2-vocab-json", "hf-tokenizer-config", "hf-generation-config"}
+
+
+def sniff(path, wanted=None) -> str:
+    """The kind of file `path` is, from its content (a key of WHAT).
+
+    wanted: a set of kinds; a file of another kind may then be reported as "other" without the
+    costlier checks (a full JSON parse, a whole tokenizer.bin) that only those kinds need.
+    """
     from .formats import gpt2_vocab, tiktoken_bpe
 
     path = os.fspath(path)
@@ -96,7 +112,7 @@ def sniff(path) -> str:
         return "empty"
     if head.startswith(b"GGUF"):
         return "gguf"
-    if head.lstrip()[:1] == b"{":
+    if head.lstrip()[:1] == b"{" and (wanted is None or wanted & _JSON_KINDS):
         kind = _json_kind(path)
         if kind != "json":
             return kind
@@ -107,8 +123,12 @@ def sniff(path) -> str:
     # protobuf: field 1 (pieces, length-delimited) whose message starts with its own field 1 (the piece).
     if head[:1] == b"\x0a" and b"\x0a" in head[2:4]:
         return "sentencepiece"
+    if wanted is not None and "llama2c-tokenizer" not in wanted:
+        return "other"
     if _looks_like_llama2c_tokenizer(path, head):
         return "llama2c-tokenizer"
+    if wanted is not None:
+        return "other"
     from .convert.load import sniff as sniff_model
 
     kind = sniff_model(path)
@@ -181,12 +201,13 @@ def _files_beside(directory, skip=()) -> list:
     return out
 
 
-def _kinds_beside(directory, skip=()) -> dict:
-    """kind -> [paths] for the files of `directory` (content-sniffed; unreadable ones skipped)."""
+def _kinds_beside(directory, wanted, skip=()) -> dict:
+    """kind -> [paths] for the files of `directory` of the `wanted` kinds (content-sniffed;
+    unreadable ones skipped; at most MAX_FILES_BESIDE files looked at)."""
     found = {}
-    for p in _files_beside(directory, skip):
+    for p in _files_beside(directory, skip)[:MAX_FILES_BESIDE]:
         try:
-            kind = sniff(p)
+            kind = sniff(p, wanted)
         except WconvError:
             continue
         found.setdefault(kind, []).append(p)
@@ -196,7 +217,7 @@ def _kinds_beside(directory, skip=()) -> dict:
 def _gpt2_pair(path, kind, directory) -> tuple:
     """(vocab.json, merges file): the one given and its partner, found beside it by content."""
     want = "bpe-merges" if kind == "gpt2-vocab-json" else "gpt2-vocab-json"
-    partners = _kinds_beside(directory, skip={os.path.abspath(path)}).get(want, [])
+    partners = _kinds_beside(directory, {want}, skip={os.path.abspath(path)}).get(want, [])
     if not partners:
         other = "merges file (merges.txt / vocab.bpe)" if want == "bpe-merges" else "vocab.json / encoder.json"
         raise FormatError(path, f"is {WHAT[kind]}; its {other} was not found beside it")
@@ -210,7 +231,8 @@ def _apply_side_files(tok: Tokenizer, directory) -> None:
     """tokenizer_config.json / generation_config.json / chat_template.jinja from the tokenizer's directory."""
     from .formats import hf_tokenizer
 
-    kinds = _kinds_beside(directory, skip={os.path.abspath(f) for f in tok.files})
+    kinds = _kinds_beside(directory, {"hf-tokenizer-config", "hf-generation-config"},
+                          skip={os.path.abspath(f) for f in tok.files})
     config = _one(kinds.get("hf-tokenizer-config", []), "tokenizer_config.json")
     if config:
         hf_tokenizer.apply_config(tok, hf_tokenizer.read_json(config, "tokenizer_config.json"), config,
@@ -258,7 +280,7 @@ def find_tokenizer_beside(path):
     else:
         places = ((os.path.dirname(os.path.abspath(path)), _BESIDE_PRIORITY),)
     for place, allowed in places:
-        kinds = _kinds_beside(place, skip={os.path.abspath(path)})
+        kinds = _kinds_beside(place, set(allowed) | {"bpe-merges"}, skip={os.path.abspath(path)})
         for kind in allowed:
             paths = kinds.get(kind, [])
             if kind == "gpt2-vocab-json" and not kinds.get("bpe-merges"):
