@@ -18,8 +18,11 @@ import torch  # noqa: E402  (a pinned test dependency: fail, never skip, when it
 FIXTURES = ["meta-tiny", "meta-tiny-2shard", "meta-tiny-f16", "hf-llama-tiny", "hf-llama-tiny-bin",
             "llama2c-ckpt.pt", "nanogpt-ckpt.pt"]
 # Real files that are models (tokenizer files are not: inspect refuses them with a WconvError).
+# Model files only: tokenizer files and directories, llama.cpp's vocab test texts and a Meta directory
+# without weights are inspected by tests/test_vocab.py (or are not inspectable).
 REAL = sorted(p for p in glob.glob(os.path.join(REALDATA, "*", "*"))
-              if not os.path.basename(p).startswith(("tok", "README")))
+              if not os.path.basename(p).startswith(("tok", "README"))
+              and os.path.basename(os.path.dirname(p)) not in ("tokenizers", "llamacpp_vocab_tests", "meta"))
 REQUIRED = {"format", "arch", "layout", "config", "n_params", "n_bytes", "n_tensors", "tensors", "metadata",
             "path", "input_files", "tokenizer", "dtypes", "report_version"}
 

@@ -405,3 +405,22 @@ def test_llama3_generation_config_eog_ids():
     assert names == [b"<|end_of_text|>", b"<|eom_id|>", b"<|eot_id|>"]
     assert tok.tokens[tok.eos_id] == b"<|eot_id|>" and tok.add_bos is True
 
+
+
+def test_pth_to_bin_refuses_a_byte_level_tokenizer_before_writing(tmp_path):
+    src = os.path.join(os.path.dirname(TOKENIZER_FIXTURES), "llama2c-ckpt.pt")
+    out = tmp_path / "model.bin"
+    res = CliRunner().invoke(cli, ["pth-to-bin", src, str(out), "--tokenizer", TIKTOKEN])
+    assert res.exit_code != 0 and "is a tiktoken BPE file" in res.output
+    assert os.listdir(tmp_path) == []
+
+
+def test_merges_rebuilt_from_ranks_equal_openai_vocab_bpe():
+    # GPT-2's ids are its tiktoken ranks (r50k_base): rebuilding merges from them as wconv does for
+    # Meta's tiktoken files must give OpenAI's own vocab.bpe, merge for merge.
+    from wconv.formats import byte_level, gpt2_vocab, tiktoken_bpe
+
+    vocab = gpt2_vocab.read_vocab_json(realdata_path("tokenizers", "gpt2-openai", "encoder.json"))
+    ranks = [byte_level.decode(t) for t, i in sorted(vocab.items(), key=lambda x: x[1]) if t != "<|endoftext|>"]
+    rebuilt = [f"{byte_level.encode(a)} {byte_level.encode(b)}" for a, b in tiktoken_bpe.merges_from_ranks(ranks)]
+    assert rebuilt == gpt2_vocab.read_merges(realdata_path("tokenizers", "gpt2-openai", "vocab.bpe"))

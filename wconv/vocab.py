@@ -72,6 +72,17 @@ def _json_kind(path) -> str:
     return "json"
 
 
+def _records_parse(head: bytes, max_len: int) -> bool:
+    """The (f32 score, i32 length, bytes) records of a tokenizer.bin fit within `head`."""
+    pos = 4
+    while pos + 8 <= len(head):
+        score, n = struct.unpack_from("<fi", head, pos)
+        if not (0 <= n <= max_len and math.isfinite(score)):
+            return False
+        pos += 8 + n
+    return len(head) >= 12
+
+
 def _looks_like_llama2c_tokenizer(path, head: bytes) -> bool:
     from .formats import llama2c_tokenizer
 
@@ -80,12 +91,8 @@ def _looks_like_llama2c_tokenizer(path, head: bytes) -> bool:
     max_len = int.from_bytes(head[:4], "little")
     if not 0 < max_len <= 1024:
         return False
-    pos = 4  # the records in the head must parse before the whole file is tried
-    while pos + 8 <= len(head):
-        score, n = struct.unpack_from("<fi", head, pos)
-        if not (0 <= n <= max_len and math.isfinite(score)):
-            return False
-        pos += 8 + n
+    if not _records_parse(head, max_len):  # the records in the head must parse before the whole file is tried
+        return False
     try:
         llama2c_tokenizer.read(path)
     except WconvError:
@@ -142,6 +149,16 @@ def load_tokenizer(path) -> Tokenizer:
     if not os.path.exists(path):
         raise FormatError(path, "tokenizer file not found")
     kind = sniff(path)
+    head = _head(path) if kind == "unknown" else b""
+    if len(head) >= 4 and (0 < int.from_bytes(head[:4], "little") <= 1 << 16 or _records_parse(head, 1 << 16)):
+        # its header or records look like a tokenizer.bin's: one beyond the sniffing bounds, or a damaged one
+        from .formats import llama2c_tokenizer
+
+        try:
+            return llama2c_tokenizer.read(path)
+        except FormatError as e:
+            raise FormatError(path, f"is not a tokenizer file wconv knows (it reads {READS}); read as a "
+                                    f"llama2.c tokenizer.bin: {e.message}") from None
     if kind not in TOKENIZER_KINDS and kind != "gguf":
         hint = ""
         if kind in ("hf-tokenizer-config", "hf-generation-config"):

@@ -88,6 +88,9 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
             raise UsageError(out, "with --tokenizer, tokenizer.bin is written beside the model: name the model "
                                   "something else")
         check_target(tok_out, force=force, inputs=[tokenizer, *input_files(model)])
+        from ..formats.llama2c_tokenizer import check_writable
+
+        check_writable(model.tokenizer)
     save(model, out, to=fmt, force=force, quiet=quiet, **options)
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import FormatError, UnsupportedError
+from ..errors import FormatError
 from ..mapped import MAX_TOKENIZER_FILE, read_whole
 from ..model import Tokenizer
 from .. import pretokenizer

@@ -42,7 +42,8 @@ def export_pieces(tokenizer: Tokenizer) -> list[bytes]:
     return out
 
 
-def write(tokenizer: Tokenizer, tmp_path) -> None:
+def check_writable(tokenizer: Tokenizer) -> None:
+    """Refuse, before anything is written, a vocabulary tokenizer.bin cannot hold."""
     if tokenizer.model != "llama":
         from ..vocab import WHAT
 
@@ -51,6 +52,10 @@ def write(tokenizer: Tokenizer, tmp_path) -> None:
                                                          f"({tokenizer.model!r}): llama2.c's tokenizer.bin holds only "
                                                          "sentencepiece-style vocabularies (run.c merges pieces by "
                                                          "score; it has no byte-level BPE)")
+
+
+def write(tokenizer: Tokenizer, tmp_path) -> None:
+    check_writable(tokenizer)
     pieces = export_pieces(tokenizer)
     if not pieces:
         raise UnsupportedError(tokenizer.source or None, "the tokenizer has no tokens")
