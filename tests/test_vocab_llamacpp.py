@@ -17,22 +17,12 @@ import os
 import pytest
 
 from conftest import realdata_path
+from test_llamacpp_interop import llama_cpp  # noqa: F401  (the fixture: skip, or fail under CI=true)
 from vocabcases import TOKENIZER_FIXTURES, reference_encoder, vocab_cases, vocab_texts, write_gguf
 from wconv.formats import gguf_io
 from wconv.vocab import load_tokenizer
 
 pytestmark = pytest.mark.interop
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e}); install the llama-cpp-python wheel")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
 
 
 def vocab_only(llama_cpp, path):
