@@ -88,7 +88,10 @@ def _llama2c_options(fn):
 _force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 _tok = click.option("--tokenizer", type=click.Path(dir_okay=False),
-                    help="sentencepiece tokenizer.model (or llama2.c tokenizer.bin) to embed / write.")
+                    help="Tokenizer to embed / write, recognised by content: sentencepiece or Meta tiktoken "
+                         "tokenizer.model, HF tokenizer.json (+ tokenizer_config.json beside it), vocab.json or "
+                         "encoder.json (+ merges beside it), llama2.c tokenizer.bin, or a GGUF's vocabulary. "
+                         "Default: one found beside SRC.")
 _unknown = click.option("--allow-unknown-globals", is_flag=True,
                         help="Show unknown pickle globals as inert placeholders instead of refusing "
                              "(inspection only; nothing is ever called).")
@@ -153,7 +156,12 @@ def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force,
 @click.argument("out", type=click.Path())
 @_force
 def tokenizer_to_bin(src, out, force):
-    """Write a sentencepiece tokenizer.model as llama2.c's tokenizer.bin."""
+    """Write a sentencepiece-style vocabulary as llama2.c's tokenizer.bin.
+
+    SRC: a sentencepiece tokenizer.model, a sentencepiece-style HF tokenizer.json (Llama 2,
+    Mistral, TinyLlama), a GGUF with such a vocabulary, or a tokenizer.bin. Byte-level BPE
+    vocabularies (GPT-2, Llama 3, Qwen) are refused: run.c implements only score-based merges.
+    """
     from .convert.save import write_tokenizer_bin
 
     write_tokenizer_bin(src, out, force=force)

@@ -49,20 +49,36 @@ class Config:
 
 @dataclass
 class Tokenizer:
-    """A vocabulary as GGUF describes it (tokenizer.ggml.*)."""
+    """A vocabulary as GGUF describes it (tokenizer.ggml.*), whatever file it was read from.
 
-    model: str  # "llama" (sentencepiece) | "gpt2" (BPE)
+    Tokens are bytes exactly as GGUF stores them: sentencepiece pieces with '▁' for spaces
+    (model "llama"), or GPT-2's byte-to-unicode alphabet for byte-level BPE (model "gpt2");
+    added/special tokens keep their raw text. Token types are gguf.TokenType values
+    (1 NORMAL, 2 UNKNOWN, 3 CONTROL, 4 USER_DEFINED, 5 UNUSED, 6 BYTE).
+    """
+
+    model: str  # "llama" (sentencepiece-style: scores) | "gpt2" (byte-level BPE: merges)
     tokens: list  # list[bytes]
     scores: list | None = None  # list[float]
     token_types: list | None = None  # list[int], gguf.TokenType values
-    merges: list | None = None  # list[str], BPE only
+    merges: list | None = None  # list[str] "left right", BPE only, in rank order
     bos_id: int | None = None
     eos_id: int | None = None
     unk_id: int | None = None
     pad_id: int | None = None
+    sep_id: int | None = None
+    eot_id: int | None = None  # end of turn (e.g. <|eot_id|>, <|im_end|>)
+    eom_id: int | None = None  # end of message (Llama 3.1 <|eom_id|>)
+    eog_ids: list | None = None  # every id that ends generation (generation_config.json eos_token_id list)
     add_bos: bool | None = None
     add_eos: bool | None = None
-    source: str = ""
+    add_space_prefix: bool | None = None  # sentencepiece add_dummy_prefix / HF Prepend('▁')
+    pre: str | None = None  # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre), BPE
+    chat_template: str | None = None
+    kind: str = ""  # what it was read from: sentencepiece, llama2c-tokenizer, tiktoken, hf-tokenizer-json, gpt2-vocab, gguf
+    source: str = ""  # the main file
+    files: list = field(default_factory=list)  # every file read (main file, tokenizer_config.json, ...)
+    found_beside: bool = False  # picked up from beside the model, not given (convert announces it)
 
 
 @dataclass

@@ -74,39 +74,14 @@ def _load_file(path, fmt, allow_unknown_globals, strict) -> Model:
 
 
 def load_tokenizer(path):
-    """A Tokenizer from a sentencepiece tokenizer.model or a llama2.c tokenizer.bin."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FormatError(path, "tokenizer file not found")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4)
-    except OSError as e:
-        raise FormatError(path, f"cannot read tokenizer: {e.strerror or e}") from None
-    # protobuf: field 1 (pieces, wire type 2), a length, then the piece's own field 1 tag.
-    # A tokenizer.bin whose max_token_length is 10 also starts with 0x0a, but then zeros.
-    if head[:1] == b"\x0a" and b"\x0a" in head[2:4]:
-        from ..formats.sentencepiece import read
+    """A Tokenizer from any tokenizer file, recognised by content (wconv.vocab)."""
+    from ..vocab import load_tokenizer as load
 
-        return read(path)
-    from ..formats.llama2c_tokenizer import read
-
-    return read(path)
+    return load(path)
 
 
 def find_tokenizer_beside(path):
-    """tokenizer.model found next to a checkpoint (Meta and HF ship one), else None.
+    """The tokenizer shipped next to a checkpoint, else None (wconv.vocab)."""
+    from ..vocab import find_tokenizer_beside as find
 
-    For a model directory its parent is searched too: Meta's downloads put tokenizer.model
-    beside the llama-2-7b/ folders.
-    """
-    if os.path.isdir(path):
-        directory = os.path.abspath(path)
-        places = (directory, os.path.dirname(directory))
-    else:
-        places = (os.path.dirname(os.path.abspath(path)),)
-    for parent in places:
-        candidate = os.path.join(parent, "tokenizer.model")
-        if os.path.isfile(candidate):
-            return load_tokenizer(candidate)
-    return None
+    return find(path)

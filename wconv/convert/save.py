@@ -8,6 +8,7 @@ import os
 from ..atomic import atomic_dir, atomic_path, check_target
 from ..errors import UnsupportedError, UsageError, WconvError
 from ..sniff import sniff
+from ..vocab import announce as announce_tokenizer
 from .load import load_model, load_tokenizer
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
@@ -104,6 +105,7 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
     options = given
     model = load_model(src, tokenizer=tokenizer)
+    announce_tokenizer(model)
     tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
         # pth-to-bin --tokenizer: tokenizer.bin beside the model, checked before anything is written.
@@ -112,6 +114,9 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
             raise UsageError(out, "with --tokenizer, tokenizer.bin is written beside the model: name the model "
                                   "something else")
         check_target(tok_out, force=force, inputs=[tokenizer, *input_files(model)], own_output=_own_tokenizer_bin)
+        from ..formats.llama2c_tokenizer import check_writable
+
+        check_writable(model.tokenizer)
     save(model, out, to=fmt, force=force, quiet=quiet, **options)
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)

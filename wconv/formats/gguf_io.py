@@ -292,14 +292,20 @@ def _tokenizer(kv: dict, path: str) -> Tokenizer | None:
         return None if v is None or isinstance(v, (list, bytes)) else kind(v)
 
     merges = kv.get("tokenizer.ggml.merges")
+    pre, template = kv.get("tokenizer.ggml.pre"), kv.get("tokenizer.chat_template")
     return Tokenizer(
         model=kind, tokens=tokens,
         scores=per_token("tokenizer.ggml.scores", float), token_types=per_token("tokenizer.ggml.token_type", int),
         merges=_text(merges) if isinstance(merges, list) else None,
         bos_id=scalar("tokenizer.ggml.bos_token_id"), eos_id=scalar("tokenizer.ggml.eos_token_id"),
         unk_id=scalar("tokenizer.ggml.unknown_token_id"), pad_id=scalar("tokenizer.ggml.padding_token_id"),
+        sep_id=scalar("tokenizer.ggml.seperator_token_id"), eot_id=scalar("tokenizer.ggml.eot_token_id"),
+        eom_id=scalar("tokenizer.ggml.eom_token_id"),
         add_bos=scalar("tokenizer.ggml.add_bos_token", bool), add_eos=scalar("tokenizer.ggml.add_eos_token", bool),
-        source=path)
+        add_space_prefix=scalar("tokenizer.ggml.add_space_prefix", bool),
+        pre=_text(pre) if isinstance(pre, bytes) else None,
+        chat_template=_text(template) if isinstance(template, bytes) else None,
+        kind="gguf", source=path, files=[path])
 
 
 def _config(kv: dict, arch_name: str, tensors: dict, path: str, strict: bool):
@@ -436,25 +442,11 @@ def _add_vocab(w, model: Model, n_vocab: int, where: str, notes: list):
         notes.append("no tokenizer: wrote tokenizer.ggml.model = 'no_vocab' (llama.cpp loads it and "
                      "evaluates token ids, but cannot tokenise text); pass --tokenizer to embed one")
         return
-    tokens = [t if isinstance(t, bytes) else str(t).encode("utf-8") for t in tok.tokens]
-    n = len(tokens)
-    if n > n_vocab:
-        raise UsageError(where, f"tokenizer has {n} tokens but the model's vocabulary is {n_vocab}")
-    for key, arr in (("scores", tok.scores), ("token_types", tok.token_types)):
-        if arr is not None and len(arr) != n:
-            raise UsageError(where, f"tokenizer {key} has {len(arr)} entries for {n} tokens")
-    scores = [float(s) for s in tok.scores] if tok.scores is not None else None
-    types = [int(t) for t in tok.token_types] if tok.token_types is not None else None
-    if n < n_vocab:  # padded embedding matrix (common in HF checkpoints): name the extra rows
-        notes.append(f"tokenizer has {n} tokens, model vocabulary {n_vocab}: padded with [PAD{{i}}] tokens")
-        tokens += [f"[PAD{i}]".encode() for i in range(n, n_vocab)]
-        scores = scores + [0.0] * (n_vocab - n) if scores is not None else None
-        types = (types if types is not None else [1] * n) + [5] * (n_vocab - n)  # 5: TokenType.UNUSED
+    tokens, scores, types = _padded_vocab(tok, n_vocab, where, notes)
     w.add_tokenizer_model(tok.model)
-    pre = model.metadata.get("tokenizer.ggml.pre")
-    if not isinstance(pre, str) or not pre:
-        pre = "gpt-2" if tok.model == "gpt2" else "default"
-    w.add_tokenizer_pre(pre)
+    pre = _pre_name(tok, model, where, notes)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     if scores is not None:
         w.add_token_scores(scores)
@@ -462,14 +454,52 @@ def _add_vocab(w, model: Model, n_vocab: int, where: str, notes: list):
         w.add_token_types(types)
     if tok.merges:
         w.add_token_merges([m if isinstance(m, str) else bytes(m).decode("utf-8") for m in tok.merges])
-    for value, add in ((tok.bos_id, w.add_bos_token_id), (tok.eos_id, w.add_eos_token_id),
-                       (tok.unk_id, w.add_unk_token_id), (tok.pad_id, w.add_pad_token_id)):
-        if value is not None and 0 <= int(value) < n_vocab:
-            add(int(value))
-    if tok.add_bos is not None:
-        w.add_add_bos_token(bool(tok.add_bos))
-    if tok.add_eos is not None:
-        w.add_add_eos_token(bool(tok.add_eos))
+    elif tok.model == "gpt2":
+        raise UsageError(where, "the byte-level BPE vocabulary has no merges, without which llama.cpp cannot load it")
+    for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("unknown_token_id", tok.unk_id),
+                       ("padding_token_id", tok.pad_id), ("seperator_token_id", tok.sep_id),
+                       ("eot_token_id", tok.eot_id), ("eom_token_id", tok.eom_id)):
+        if value is not None and 0 <= int(value) < n_vocab:  # (llama.cpp spells "seperator")
+            w.add_uint32(f"tokenizer.ggml.{key}", int(value))
+    for key, value in (("add_bos_token", tok.add_bos), ("add_eos_token", tok.add_eos),
+                       ("add_space_prefix", tok.add_space_prefix)):
+        if value is not None:
+            w.add_bool(f"tokenizer.ggml.{key}", bool(value))
+    if tok.chat_template:
+        w.add_string("tokenizer.chat_template", tok.chat_template)
+
+
+def _padded_vocab(tok: Tokenizer, n_vocab: int, where: str, notes: list) -> tuple:
+    """tokens, scores, types; [PAD{id}] UNUSED tokens fill embedding rows past the vocabulary
+    (HF checkpoints round vocab_size up: nanoGPT 50304, Phi-3 32064), as llama.cpp's converter does."""
+    tokens = [t if isinstance(t, bytes) else str(t).encode("utf-8") for t in tok.tokens]
+    n = len(tokens)
+    if n > n_vocab:
+        raise UsageError(where, f"tokenizer has {n} tokens but the model's vocabulary is {n_vocab} "
+                                f"(embedding rows); it belongs to another model")
+    for key, arr in (("scores", tok.scores), ("token_types", tok.token_types)):
+        if arr is not None and len(arr) != n:
+            raise UsageError(where, f"tokenizer {key} has {len(arr)} entries for {n} tokens")
+    scores = [float(s) for s in tok.scores] if tok.scores is not None else None
+    types = [int(t) for t in tok.token_types] if tok.token_types is not None else None
+    if n < n_vocab:
+        notes.append(f"tokenizer has {n} tokens, model vocabulary {n_vocab}: padded with [PAD{{id}}] tokens")
+        tokens += [f"[PAD{i}]".encode() for i in range(n, n_vocab)]
+        scores = scores + [-1000.0] * (n_vocab - n) if scores is not None else None
+        types = (types if types is not None else [1] * n) + [5] * (n_vocab - n)  # 5: TokenType.UNUSED
+    return tokens, scores, types
+
+
+def _pre_name(tok: Tokenizer, model: Model, where: str, notes: list):
+    """tokenizer.ggml.pre: the vocabulary's own (its reader identified it), else what the source said."""
+    pre = tok.pre or model.metadata.get("tokenizer.ggml.pre")
+    if isinstance(pre, str) and pre:
+        return pre
+    if tok.model == "llama":
+        return "default"
+    notes.append("the vocabulary names no pre-tokenizer (tokenizer.ggml.pre); llama.cpp will use its "
+                 "'default' one, as it did for the source")
+    return None
 
 
 def _model_name(model: Model) -> str:

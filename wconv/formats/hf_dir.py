@@ -2,9 +2,10 @@
 
 Written: `config.json` (the family's *ForCausalLM class, from wconv.arch), the weights with HF
 names and orientation (the family's fix-ups: q/k rows permuted for HF's rotate_half, GPT-2
-Conv1D weights stored [in, out], Gemma's norms as w; a tied classifier is left out, HF re-ties it), and a copy of the sentencepiece
-`tokenizer.model` when the model came with one. Weights go to `model.safetensors`, or, above
-the shard limit, to `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`
+Conv1D weights stored [in, out], Gemma's norms as w; a tied classifier is left out, HF re-ties
+it), and the model's tokenizer as `tokenizer.json` + `tokenizer_config.json` (plus the
+sentencepiece `tokenizer.model` when that was its source). Weights go to `model.safetensors`, or,
+above the shard limit, to `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`
 (save_pretrained's layout). Every file is streamed one tensor at a time by safetensors_io.write.
 
 wconv's directory reader (wconv.convert.sources.load_directory, via convert.load.load_model) reads all of it back.
@@ -22,6 +23,7 @@ import numpy as np
 from .. import arch, dtypes
 from ..errors import UnsupportedError, UsageError, WconvError
 from ..model import Model
+from ..progress import warn
 from ..tensor import LazyTensor
 from . import safetensors_io
 
@@ -167,15 +169,37 @@ def plan_shards(sizes: list, max_bytes: int) -> list:
 
 
 def _copy_tokenizer(model, tmp_dir) -> None:
-    """A sentencepiece tokenizer.model travels with the weights (HF's LlamaTokenizer reads it)."""
+    """Tokenizer files AutoTokenizer loads (wconv.formats.hf_tokenizer): an HF tokenizer.json source is
+    copied with its tokenizer_config.json; any other vocabulary (sentencepiece, tiktoken, GPT-2 files,
+    GGUF, tokenizer.bin) is written as tokenizer.json + tokenizer_config.json, and a sentencepiece
+    tokenizer.model is copied too (HF's slow LlamaTokenizer reads it)."""
+    from . import hf_tokenizer
+
     tok = model.tokenizer
-    source = getattr(tok, "source", "") or ""
-    if tok is None or tok.model != "llama" or not os.path.isfile(source) or not source.endswith(".model"):
+    if tok is None:
         return
+    source = tok.source or ""
     if model.config.vocab_size and len(tok.tokens) > model.config.vocab_size:
-        raise UsageError(source, f"tokenizer has {len(tok.tokens)} tokens but the model only "
-                                 f"{model.config.vocab_size} embedding rows")
-    shutil.copyfile(source, os.path.join(tmp_dir, "tokenizer.model"))
+        raise UsageError(source or None, f"tokenizer has {len(tok.tokens)} tokens but the model only "
+                                         f"{model.config.vocab_size} embedding rows")
+    if tok.kind == "hf-tokenizer-json" and os.path.isfile(source):
+        shutil.copyfile(source, os.path.join(tmp_dir, "tokenizer.json"))
+        from ..vocab import sniff
+
+        configs = [f for f in tok.files[1:] if os.path.isfile(f) and sniff(f) == "hf-tokenizer-config"]
+        if configs:
+            shutil.copyfile(configs[0], os.path.join(tmp_dir, "tokenizer_config.json"))
+        else:
+            _write_json(os.path.join(tmp_dir, "tokenizer_config.json"),
+                        hf_tokenizer.tokenizer_config(tok, model_max_length=model.config.max_seq_len))
+        return
+    try:
+        hf_tokenizer.write(tok, tmp_dir, where=source or model.path, model_max_length=model.config.max_seq_len)
+    except UnsupportedError as e:  # the weights are still right: say what is missing, once
+        warn(model.path or None, f"no tokenizer files written: {e}")
+        return
+    if tok.kind == "sentencepiece" and os.path.isfile(source):
+        shutil.copyfile(source, os.path.join(tmp_dir, "tokenizer.model"))
 
 
 def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=None, max_seq_len=None) -> None:

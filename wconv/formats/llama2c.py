@@ -186,6 +186,9 @@ def read(path) -> Model:
     except OSError as e:
         raise FormatError(path, f"cannot read: {e.strerror or e}") from None
     h = _read_header(path, size)
+    if h.n_layers * 8 * h.dim > size:  # every layer has two float32 norms: refuse before a loop over layers
+        raise FormatError(path, f"file size {size} is smaller than the norms alone of its {h.n_layers} layers "
+                                f"of dim {h.dim}: truncated or not a llama2.c file")
     shapes = h.shapes()
     names = tensor_order(h.version, h.n_layers, h.shared)
     base = os.path.basename(path)

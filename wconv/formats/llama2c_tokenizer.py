@@ -42,10 +42,20 @@ def export_pieces(tokenizer: Tokenizer) -> list[bytes]:
     return out
 
 
-def write(tokenizer: Tokenizer, tmp_path) -> None:
+def check_writable(tokenizer: Tokenizer) -> None:
+    """Refuse, before anything is written, a vocabulary tokenizer.bin cannot hold."""
     if tokenizer.model != "llama":
-        raise UnsupportedError(tokenizer.source or None, f"llama2.c's tokenizer.bin holds sentencepiece (llama) "
-                                                         f"vocabularies, not {tokenizer.model!r}")
+        from ..vocab import WHAT
+
+        what = WHAT.get(tokenizer.kind, "a vocabulary")
+        raise UnsupportedError(tokenizer.source or None, f"is {what} holding a byte-level BPE vocabulary "
+                                                         f"({tokenizer.model!r}): llama2.c's tokenizer.bin holds only "
+                                                         "sentencepiece-style vocabularies (run.c merges pieces by "
+                                                         "score; it has no byte-level BPE)")
+
+
+def write(tokenizer: Tokenizer, tmp_path) -> None:
+    check_writable(tokenizer)
     pieces = export_pieces(tokenizer)
     if not pieces:
         raise UnsupportedError(tokenizer.source or None, "the tokenizer has no tokens")
@@ -96,4 +106,5 @@ def read(path) -> Tokenizer:
         types.append(kind)
     unk = tokens.index(b"<unk>") if b"<unk>" in tokens else None
     return Tokenizer(model="llama", tokens=tokens, scores=scores, token_types=types, bos_id=bos, eos_id=eos,
-                     unk_id=unk, source=path)
+                     unk_id=unk, add_bos=True if bos is not None else None, pre="default", kind="llama2c-tokenizer",
+                     source=path, files=[path])

@@ -189,4 +189,5 @@ def read(path) -> Tokenizer:
 
     return Tokenizer(model="llama", tokens=list(sp.pieces), scores=list(sp.scores), token_types=list(sp.types),
                      bos_id=opt(sp.bos_id), eos_id=opt(sp.eos_id), unk_id=opt(sp.unk_id), pad_id=opt(sp.pad_id),
-                     source=path)
+                     add_space_prefix=sp.add_dummy_prefix, pre="default", kind="sentencepiece", source=path,
+                     files=[path])

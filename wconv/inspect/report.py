@@ -28,11 +28,9 @@ def _bounded_metadata(metadata: dict) -> dict:
 
 
 def _tokenizer_summary(tok):
-    if tok is None:
-        return None
-    return {"model": tok.model, "n_tokens": len(tok.tokens), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "unk_id": tok.unk_id, "pad_id": tok.pad_id, "n_merges": len(tok.merges) if tok.merges else 0,
-            "source": tok.source}
+    from ..vocab import summary
+
+    return summary(tok)
 
 
 def report_for(model) -> dict:
@@ -79,8 +77,11 @@ def _dtype_counts(tensors) -> dict:
 def inspect_path(path, *, allow_unknown_globals: bool = False, stats: bool = False, quiet: bool = True) -> dict:
     """The report; with stats=True each tensor also gets value statistics (reads all tensor data)."""
     from ..convert.load import load_model
+    from ..vocab import as_model
 
-    model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
+    model = as_model(path)  # a tokenizer file: a report with no tensors and its tokenizer section
+    if model is None:
+        model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
     report = report_for(model)
     if stats:
         from .stats import model_stats
@@ -132,8 +133,9 @@ def format_text(report: dict) -> str:
             lines.append(f"  {k:<15} {shown}")
     tok = report.get("tokenizer")
     if tok:
-        lines.append(f"tokenizer: {tok['model']}, {tok['n_tokens']} tokens"
-                     + (f" (from {tok['source']})" if tok.get("source") else ""))
+        from ..vocab import format_summary
+
+        lines += format_summary(tok)
     lines += ["", _tensor_table(report.get("tensors") or [])]
     lines += [f"no statistics for {t['name']}: {t['stats']['error']}" for t in report.get("tensors") or []
               if "error" in t.get("stats", {})]
