@@ -31,9 +31,14 @@ def check_contract(report):
     assert REQUIRED <= report.keys()
     text = json.dumps(report, allow_nan=False)  # strict JSON: no NaN/Infinity, only plain types
     assert json.loads(text) == report
+    entry_keys = {"name", "dtype", "shape", "n_params", "nbytes", "offset", "file", "canonical_name",
+                  "canonical_shape"}
     for t in report["tensors"]:
-        assert set(t) == {"name", "dtype", "shape", "n_params", "nbytes"}
+        optional = {"ggml_shape", "note", "stats"}
+        assert entry_keys <= set(t) <= entry_keys | optional, set(t)
         assert isinstance(t["shape"], list) and all(isinstance(s, int) for s in t["shape"])
+        assert t["canonical_name"] is None or isinstance(t["canonical_shape"], list)
+        assert t["offset"] is None or isinstance(t["offset"], int)
     assert report["n_tensors"] == len(report["tensors"])
     assert report["n_params"] == sum(t["n_params"] for t in report["tensors"])
     assert report["n_bytes"] == sum(t["nbytes"] for t in report["tensors"])
@@ -68,6 +73,10 @@ def test_fixture_reports(name, no_tensor_reads):
     assert report["config"]["n_heads"] > 0
     text = format_text(report)
     assert f"layout:  {report['layout']}" in text and "blk.0.ffn_down.weight" in text
+    assert report["report_version"] == 2
+    # The file view: stored names, with the canonical name beside each recognised tensor.
+    views = {t["canonical_name"] for t in report["tensors"]}
+    assert "blk.0.ffn_down.weight" in views and "token_embd.weight" in views
     assert f"{report['n_params']:,} params" in text
 
 
@@ -90,7 +99,10 @@ def test_training_checkpoint_metadata():
     assert md["iter_num"] == 100 and md["model_args"] == ck["model_args"]
     assert md["optimizer"]["optimizer"]["n_tensors"] == sum(len(v) for v in ck["optimizer"]["state"].values())
     assert report["config"]["tie_embeddings"] is True
-    assert "output.weight" not in [t["name"] for t in report["tensors"]]
+    assert "output.weight" not in [t["canonical_name"] for t in report["tensors"]]
+    # ...but the file's own output.weight (the same storage as the embedding) is shown as stored.
+    stored = {t["name"]: t for t in report["tensors"]}
+    assert stored["output.weight"]["canonical_name"] is None and "tied" in stored["output.weight"]["note"]
     text = format_text(report)
     assert "iter_num: 100" in text and "optimizer:" in text and "tie_embeddings  True" in text
 

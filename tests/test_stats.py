@@ -133,7 +133,8 @@ def test_inspect_stats_matches_torch_on_a_checkpoint():
 
     assert len(report["tensors"]) == len(sd)
     for entry in report["tensors"]:
-        t = sd[arch.require("llama").from_canonical(entry["name"], "meta")].double()
+        t = sd[entry["name"]].double()  # the file view: stored names
+        assert entry["canonical_name"] == arch.require("llama").to_canonical(entry["name"], "meta")
         s = entry["stats"]
         assert s["min"] == t.min().item() and s["max"] == t.max().item()
         assert math.isclose(s["mean"], t.mean().item(), rel_tol=1e-11, abs_tol=1e-15)
@@ -142,8 +143,8 @@ def test_inspect_stats_matches_torch_on_a_checkpoint():
     json.dumps(report, allow_nan=False)
     text = format_text(report)
     header = next(line for line in text.splitlines() if line.startswith("name"))
-    assert header.split() == ["name", "dtype", "shape", "params", "bytes", "min", "max", "mean", "std", "nan",
-                              "inf", "zeros"]
+    assert header.split() == ["name", "dtype", "shape", "params", "bytes", "offset", "min", "max", "mean", "std",
+                              "nan", "inf", "zeros", "model", "view"]
 
 
 def test_inspect_stats_on_a_real_gguf_and_quantised_file(tmp_path):

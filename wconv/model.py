@@ -82,6 +82,17 @@ class Tokenizer:
 
 
 @dataclass
+class Stored:
+    """One tensor as the file stores it: its own name, dtype and shape (the file view)."""
+
+    file: str  # the file it is in
+    name: str  # its name there (a training checkpoint: the key inside its model dict)
+    tensor: LazyTensor  # raw stored data: stored dtype and shape
+    canonical: str | None = None  # the model-view tensor it becomes, None if the model drops it
+    note: str = ""  # why it is dropped or where it went (e.g. "recomputed buffer", "RoPE scaling")
+
+
+@dataclass
 class Model:
     config: Config
     tensors: dict = field(default_factory=dict)  # canonical name -> LazyTensor, in file order
@@ -90,6 +101,7 @@ class Model:
     source_format: str = ""  # e.g. "torch-zip", "llama2c-v0", "gguf"
     source_layout: str = ""  # e.g. "meta", "llama2c-ckpt", "nanogpt", "hf"
     path: str = ""
+    stored: list = field(default_factory=list)  # Stored entries in file order: what inspect shows
 
     def __iter__(self) -> Iterator[LazyTensor]:
         return iter(self.tensors.values())

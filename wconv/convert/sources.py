@@ -188,7 +188,8 @@ def _load_meta_dir(path, names, allow_unknown_globals, strict) -> Model:
     merged = sd.merge_meta_shards(loaded)
     inputs = files + ([params_path] if params is not None else [])
     model = sd.build_model(merged, path=path, source_format=fmt, files=inputs, params=params,
-                           extras=extras, strict=strict)
+                           extras=extras, strict=strict,
+                           stored=[(f, n, t) for f, tensors in loaded for n, t in tensors.items()])
     if len(files) > 1:
         model.metadata["n_shards"] = len(files)
     return model
@@ -205,7 +206,7 @@ def _load_hf_dir(path, names, allow_unknown_globals, strict) -> Model:
         if single_name in names:
             files, index_files = {single_name: None}, []
             break
-    tensors, st_meta, fmt = {}, {}, "safetensors"
+    tensors, st_meta, fmt, stored = {}, {}, "safetensors", []
     for fname, wanted in files.items():
         fpath = os.path.join(path, fname)
         if kind == "safetensors":
@@ -226,9 +227,10 @@ def _load_hf_dir(path, names, allow_unknown_globals, strict) -> Model:
             if n in tensors:
                 raise FormatError(fpath, f"tensor {n!r} also appears in another shard")
             tensors[n] = t
+            stored.append((fpath, n, t))
     inputs = index_files + [os.path.join(path, f) for f in files] + [config_path]
     return sd.build_model(tensors, path=path, source_format=fmt, files=inputs, hf_config=hf_config,
-                          st_metadata=st_meta, strict=strict)
+                          st_metadata=st_meta, strict=strict, stored=stored)
 
 
 def _short(items, n=3):

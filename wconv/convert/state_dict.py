@@ -36,7 +36,7 @@ import re
 from .. import arch
 from ..arch.family import Problems, short_list, template_of
 from ..errors import FormatError, UnsupportedError
-from ..model import Config, Model
+from ..model import Config, Model, Stored
 from ..tensor import LazyTensor
 
 # Prefixes that wrap a state dict without changing it.
@@ -375,8 +375,12 @@ def _not_matrices(canon) -> list:
 
 
 def build_model(tensors: dict, *, path, source_format: str, files, params=None, model_args=None,
-                hf_config=None, st_metadata=None, extras=None, strict: bool = True) -> Model:
-    """Recognise the family and layout of `tensors` (file names -> LazyTensor) and build a Model."""
+                hf_config=None, st_metadata=None, extras=None, strict: bool = True, stored=None) -> Model:
+    """Recognise the family and layout of `tensors` (file names -> LazyTensor) and build a Model.
+
+    `stored`: [(file, stored name, tensor)] as the files hold them (several shards), when that
+    differs from `tensors`; it becomes Model.stored with each entry's canonical name.
+    """
     path = os.fspath(path)
     problems = Problems(path, strict)
     metadata = {"_input_files": [os.fspath(f) for f in files]}
@@ -406,6 +410,7 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
     if how.startswith("guessed") and cfg is not None:
         problems.notes.append(f"the checkpoint does not declare its architecture: {how}")
 
+    stored = stored if stored is not None else [(path, n, t) for n, t in tensors.items()]
     if problems.layout or cfg is None:
         if layout != "unknown":
             metadata["layout_guess"] = layout
@@ -413,7 +418,8 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
         if problems.notes:
             metadata["notes"] = problems.notes
         return Model(config=Config(arch="unknown", norm_eps=0.0, rope_theta=0.0), tensors=dict(tensors),
-                     metadata=metadata, source_format=source_format, source_layout="unknown", path=path)
+                     metadata=metadata, source_format=source_format, source_layout="unknown", path=path,
+                     stored=[Stored(f, n, t) for f, n, t in stored])
 
     ordered = {n: canon[n].renamed(n) for n in fam.expected_names(cfg)}
     if problems.other:
@@ -421,7 +427,29 @@ def build_model(tensors: dict, *, path, source_format: str, files, params=None, 
     if problems.notes:
         metadata["notes"] = problems.notes
     return Model(config=cfg, tensors=ordered, metadata=metadata, source_format=source_format,
-                 source_layout=layout if layout != "hf" else f"hf-{fam.name}", path=path)
+                 source_layout=layout if layout != "hf" else f"hf-{fam.name}", path=path,
+                 stored=_stored_view(stored, fam, layout, ordered))
+
+
+def _stored_view(stored, fam, layout, tensors) -> list:
+    """Model.stored: each stored tensor with the canonical tensor it became (or why none)."""
+    out = []
+    gpt2_bare = any(strip_prefixes(n) == "wte.weight" for _, n, _ in stored)
+    for file, name, t in stored:
+        short = strip_prefixes(name)
+        if gpt2_bare and short != "lm_head.weight":
+            short = HF_GPT2_OPTIONAL_PREFIX + short
+        if _IGNORED.fullmatch(strip_prefixes(name)):
+            out.append(Stored(file, name, t, None, "a buffer every runtime recomputes; not converted"))
+            continue
+        canon = fam.to_canonical(short, layout)
+        if canon in tensors:
+            out.append(Stored(file, name, t, canon))
+        elif canon == "output.weight":
+            out.append(Stored(file, name, t, None, "the token embedding again (tied classifier)"))
+        else:
+            out.append(Stored(file, name, t, canon, "not in the model view"))
+    return out
 
 
 def _build(fam, layout, named, side, st_metadata, params, problems):

@@ -35,7 +35,7 @@ import numpy as np
 from .. import arch, quant
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
-from ..model import Config, Model, Tokenizer
+from ..model import Config, Model, Stored, Tokenizer
 from ..progress import progress, warn
 from ..tensor import LazyTensor
 
@@ -239,9 +239,11 @@ def _read(path: str, r: _Reader) -> Model:
                 "tensor_names": {k: v for k, v in raw_names.items() if k != v}}
     if not tensors:
         metadata["vocab_only"] = True
+    stored = [Stored(path, raw_names[c], t, c if _LLAMA.to_canonical(c, "canonical") else None)
+              for c, t in tensors.items()]
     return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
                  source_format=f"{kind}-v{version}" if kind != "ggml" else "ggml", source_layout="meta",
-                 path=path)
+                 path=path, stored=stored)
 
 
 def _loader(path, size, name, offset, nbytes, dt, shape):

@@ -34,7 +34,7 @@ from .. import arch, quant
 from ..arch.family import Problems
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
-from ..model import Config, Model, Tokenizer
+from ..model import Config, Model, Stored, Tokenizer
 from ..progress import progress, warn
 from ..tensor import LazyTensor
 
@@ -376,6 +376,7 @@ def read(path, *, strict: bool = True) -> Model:
     metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"
     if not tensors:
         metadata["vocab_only"] = True
+    in_file = dict(tensors)  # before _config folds GGUF-only tensors (rope_freqs) into the config
     cfg, problems = _config(h.kv, arch_name, tensors, path, strict and bool(tensors))
     if cfg is None or problems.layout:
         cfg = Config(arch="unknown", norm_eps=0.0, rope_theta=0.0)
@@ -383,8 +384,12 @@ def read(path, *, strict: bool = True) -> Model:
         metadata["warnings"] = problems.layout + problems.other
     if problems.notes:
         metadata["notes"] = problems.notes
+    known = cfg.arch != "unknown"
+    stored = [Stored(path, n, t, n if known and n in tensors else None,
+                     "" if n in tensors or not known else "folded into the config's RoPE scaling")
+              for n, t in in_file.items()]
     return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
-                 source_format=f"gguf-v{h.version}", source_layout="gguf", path=path)
+                 source_format=f"gguf-v{h.version}", source_layout="gguf", path=path, stored=stored)
 
 
 # ----------------------------------------------------------------------------- writing

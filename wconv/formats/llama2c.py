@@ -42,7 +42,7 @@ import numpy as np
 from .. import arch, dtypes
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
-from ..model import Config, Model
+from ..model import Config, Model, Stored
 from ..progress import progress, warn
 from ..tensor import LazyTensor
 
@@ -230,8 +230,11 @@ def read(path) -> Model:
         metadata["group_size"] = h.group_size
         metadata["quantization"] = {"scheme": "llama2c-q8_0", "group_size": h.group_size,
                                     "note": "int8 values with one fp32 scale per group; dequantised on read"}
+    # The file has no names: its tensors are known by position, which llama2.c's order fixes.
+    stored = [Stored(path, n, t, n, "int8 groups + fp32 scales" if h.version == 2 and len(t.shape) == 2 else "")
+              for n, t in tensors.items()]
     return Model(config=config, tensors=tensors, metadata=metadata, source_format=f"llama2c-v{h.version}",
-                 source_layout="llama2c", path=path)
+                 source_layout="llama2c", path=path, stored=stored)
 
 
 def _plausible_v0_header(path):

@@ -10,8 +10,9 @@ import math
 import os
 
 from ..convert.state_dict import summarise
+from ..model import Stored
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: tensors are the file view (stored names, dtypes, shapes, offsets)
 MAX_METADATA_CHARS = 64_000  # the metadata section is summarised further beyond this
 
 
@@ -33,10 +34,39 @@ def _tokenizer_summary(tok):
     return summary(tok)
 
 
+def _stored_entries(model) -> list:
+    """The file view: every stored tensor as the file holds it, with its model-view name beside it."""
+    stored = model.stored or [Stored(model.path, n, t, n) for n, t in model.tensors.items()]
+    single = len({s.file for s in stored}) <= 1
+    gguf = model.source_format.startswith("gguf")
+    out = []
+    for s in stored:
+        t = s.tensor
+        view = model.tensors.get(s.canonical) if s.canonical else None
+        span = t.file_span() if hasattr(t, "file_span") else None
+        entry = {"name": s.name, "dtype": _stored_dtype(model, s), "shape": list(t.shape),
+                 "n_params": t.n_elements, "nbytes": t.nbytes,
+                 "offset": span[1] if span else None,
+                 "file": None if single else os.fspath(s.file),
+                 "canonical_name": s.canonical if view is not None else None,
+                 "canonical_shape": list(view.shape) if view is not None else None}
+        if gguf:
+            entry["ggml_shape"] = list(reversed(t.shape))  # GGML's dimension order, as gguf-dump prints it
+        if s.note:
+            entry["note"] = s.note
+        out.append(entry)
+    return out
+
+
+def _stored_dtype(model, s) -> str:
+    if s.note.startswith("int8 groups"):  # llama2.c v2: dequantised on read
+        return f"LLAMA2C_Q8/g{model.metadata.get('group_size')}"
+    return s.tensor.dtype.name
+
+
 def report_for(model) -> dict:
     """The inspect report of an already opened Model (reads no tensor data)."""
-    tensors = [{"name": name, "dtype": t.dtype.name, "shape": list(t.shape), "n_params": t.n_elements,
-                "nbytes": t.nbytes} for name, t in model.tensors.items()]
+    tensors = _stored_entries(model)
     return {
         "report_version": REPORT_VERSION,
         "path": model.path,
@@ -84,11 +114,14 @@ def inspect_path(path, *, allow_unknown_globals: bool = False, stats: bool = Fal
         model = load_model(path, allow_unknown_globals=allow_unknown_globals, strict=False)
     report = report_for(model)
     if stats:
-        from .stats import model_stats
+        from ..progress import progress
+        from .stats import tensor_stats
 
-        per_tensor = model_stats(model, quiet=quiet)
-        for entry in report["tensors"]:
-            entry["stats"] = per_tensor[entry["name"]]
+        stored = model.stored or [Stored(model.path, n, t, n) for n, t in model.tensors.items()]
+        with progress(sum(s.tensor.nbytes for s in stored), "statistics", quiet=quiet) as bar:
+            for entry, s in zip(report["tensors"], stored):
+                entry["stats"] = tensor_stats(s.tensor)
+                bar.update(s.tensor.nbytes, s.name)
     return report
 
 
@@ -164,18 +197,38 @@ def _stat_cells(stats: dict) -> tuple:
                  for k in _STAT_COLUMNS)
 
 
+def _model_view(t) -> str:
+    """The model-view column: the canonical name when it differs, or why the tensor is not used."""
+    if t.get("canonical_name") is None:
+        return t.get("note") or "(not recognised)"
+    view = t["canonical_name"] if t["canonical_name"] != t["name"] else "="
+    if t.get("canonical_shape") not in (None, t["shape"]):
+        view += " [" + ", ".join(map(str, t["canonical_shape"])) + "]"
+    return view
+
+
 def _tensor_table(tensors) -> str:
     if not tensors:
         return "(no tensors)"
     with_stats = "stats" in tensors[0]
-    rows = [("name", "dtype", "shape", "params", "bytes") + (_STAT_COLUMNS if with_stats else ())]
+    with_file = any(t.get("file") for t in tensors)
+    with_view = any(t.get("canonical_name") != t["name"] or t.get("note") for t in tensors)
+    head = ("name", "dtype", "shape") + (("ggml shape",) if "ggml_shape" in tensors[0] else ())
+    rows = [head + ("params", "bytes", "offset") + (_STAT_COLUMNS if with_stats else ())]
     for t in tensors:
-        rows.append((t["name"], t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]",
-                     f"{t['n_params']:,}", f"{t['nbytes']:,}") + (_stat_cells(t["stats"]) if with_stats else ()))
+        text = (t["name"] if not with_file else f"{os.path.basename(t['file'])}:{t['name']}", t["dtype"],
+                "[" + ", ".join(map(str, t["shape"])) + "]")
+        if "ggml_shape" in t:
+            text += ("[" + ", ".join(map(str, t["ggml_shape"])) + "]",)
+        rows.append(text + (f"{t['n_params']:,}", f"{t['nbytes']:,}", "-" if t.get("offset") is None else
+                            f"{t['offset']:,}") + (_stat_cells(t["stats"]) if with_stats else ()))
+    n_left = len(head)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
-    for r in rows:
-        cells = [f"{r[0]:<{widths[0]}}", f"{r[1]:<{widths[1]}}", f"{r[2]:<{widths[2]}}"]
-        cells += [f"{c:>{w}}" for c, w in zip(r[3:], widths[3:])]  # numbers right-aligned
+    for i, r in enumerate(rows):
+        cells = [f"{c:<{w}}" for c, w in zip(r[:n_left], widths)]
+        cells += [f"{c:>{w}}" for c, w in zip(r[n_left:], widths[n_left:])]  # numbers right-aligned
+        if with_view:
+            cells.append("model view" if i == 0 else _model_view(tensors[i - 1]))
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
