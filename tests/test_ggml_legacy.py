@@ -22,6 +22,7 @@ from wconv.cli import main as cli
 from wconv.convert.load import load_model
 from wconv.errors import FormatError, UnsupportedError, UsageError, WconvError
 from wconv.formats import ggml_legacy, gguf_io
+from wconv.inspect.report import format_text, inspect_path
 from wconv.model import Tokenizer
 
 MAGIC = {"ggml": 0x67676D6C, "ggmf": 0x67676D66, "ggjt": 0x67676A74}
@@ -338,3 +339,27 @@ def test_corrupted_files_only_raise_wconv_errors(tmp_path, flips):
         return
     for t in m.tensors.values():
         t.float32()
+
+
+def test_vocab_only_ggjt_and_rwkv_files(tmp_path):
+    # llama.cpp's 2023 vocab-only files zero every hyperparameter but n_vocab: shown as a vocabulary.
+    path = tmp_path / "ggml-vocab.bin"
+    tokens = [b"", b"", b"", b" a", b" b"]
+    with open(path, "wb") as f:
+        f.write(struct.pack("<II", 0x67676A74, 1) + struct.pack("<7I", len(tokens), 0, 0, 0, 0, 0, 0))
+        for t in tokens:
+            f.write(struct.pack("<I", len(t)) + t + struct.pack("<f", -float(len(t))))
+    report = inspect_path(str(path))
+    assert report["metadata"]["vocab_only"] and report["n_tensors"] == 0
+    assert report["tokenizer"]["n_tokens"] == 5
+    assert "a vocabulary only" in format_text(report)
+    with open(path, "ab") as f:  # ...but tensor data after a zeroed header is a broken file
+        f.write(b"\0" * 64)
+    with pytest.raises(FormatError, match="vocab-only"):
+        ggml_legacy.read(str(path))
+    # rwkv.cpp also used the ggmf magic, with versions 100 and 101: named, not called implausible.
+    for version in (100, 101):
+        rwkv = tmp_path / f"rwkv{version}.bin"
+        rwkv.write_bytes(struct.pack("<II", 0x67676D66, version) + b"\0" * 64)
+        with pytest.raises(UnsupportedError, match=f"rwkv.cpp model \\(ggmf version {version}\\)"):
+            inspect_path(str(rwkv))

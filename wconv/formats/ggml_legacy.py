@@ -136,6 +136,9 @@ def _magic(r: _Reader) -> tuple[str, int]:
         return "ggmf", 1
     if magic == MAGIC_GGJT and version in (1, 2, 3):
         return "ggjt", version
+    if magic == MAGIC_GGMF and version in (100, 101):
+        raise UnsupportedError(r.path, f"this is an rwkv.cpp model (ggmf version {version}), not a llama.cpp "
+                                       "file; wconv does not read RWKV models")
     if magic in (MAGIC_GGMF, MAGIC_GGJT):
         raise UnsupportedError(r.path, f"unknown {'ggmf' if magic == MAGIC_GGMF else 'ggjt'} version {version}")
     raise FormatError(r.path, f"not a GGML/GGMF/GGJT file (magic {magic:#010x})")
@@ -158,7 +161,9 @@ def _read(path: str, r: _Reader) -> Model:
     kind, version = _magic(r)
     n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype = r.u32("hyperparameters", 7)
     has_scores = kind != "ggml"
-    if not (0 < n_embd < 1 << 20 and 0 < n_head <= n_embd and 0 < n_layer < 1 << 16):
+    # llama.cpp's vocab-only files (models/ggml-vocab*.bin of 2023) zero every hyperparameter but n_vocab.
+    vocab_only = (n_embd, n_mult, n_head, n_layer, n_rot) == (0, 0, 0, 0, 0) and n_vocab > 0
+    if not vocab_only and not (0 < n_embd < 1 << 20 and 0 < n_head <= n_embd and 0 < n_layer < 1 << 16):
         raise FormatError(path, f"implausible hyperparameters n_embd={n_embd} n_head={n_head} n_layer={n_layer} "
                                 "(is this a llama.cpp file?)")
     if n_vocab * (8 if has_scores else 4) > r.end - r.pos:
@@ -174,6 +179,8 @@ def _read(path: str, r: _Reader) -> Model:
             scores.append(r.f32(f"score of token {i}"))
 
     tensors, raw_names = {}, {}
+    if vocab_only and r.pos < r.end:
+        raise FormatError(path, "hyperparameters are zero (a vocab-only file) but tensor data follows the vocabulary")
     base = os.path.basename(path)
     vnum = _version_number(kind, version)
     while r.pos < r.end:
@@ -225,7 +232,7 @@ def _read(path: str, r: _Reader) -> Model:
         tokenizer = Tokenizer(model="llama", tokens=list(toks), scores=scores, token_types=list(types),
                               bos_id=1, eos_id=2, unk_id=0, source=path)
 
-    head_dim = n_embd // n_head
+    head_dim = n_embd // n_head if n_head else 0
     wk = tensors.get("blk.0.attn_k.weight")
     gate = tensors.get("blk.0.ffn_gate.weight")
     hidden = gate.shape[0] if gate is not None else ((8 * n_embd // 3 + n_mult - 1) // max(n_mult, 1)) * n_mult

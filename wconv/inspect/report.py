@@ -146,8 +146,9 @@ _CONFIG_FIELDS = {
     "llama": ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len",
               "norm_eps", "rope_theta", "tie_embeddings"),
     "gpt2": ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim", "max_seq_len", "norm_eps",
-             "tie_embeddings", "bias"),
+             "tie_embeddings", "bias", "gelu"),
 }
+_SHOWN_WHEN_SET = ("head_width", "rope_scaling", "sliding_window")  # rotary families, when not default
 
 
 def format_text(report: dict) -> str:
@@ -157,8 +158,13 @@ def format_text(report: dict) -> str:
              f"arch:    {report.get('arch', '')}"
              + (f" ({report['arch_source']})" if report.get("arch_source") else "")]
     cfg = report.get("config") or {}
-    fields = _CONFIG_FIELDS.get(report.get("arch"))
-    if fields:
+    arch_name = report.get("arch")
+    fields = _CONFIG_FIELDS.get(arch_name)
+    if arch_name not in (None, "unknown", "gpt2"):  # the rotary families
+        fields = _CONFIG_FIELDS["llama"] + tuple(k for k in _SHOWN_WHEN_SET if (report.get("config") or {}).get(k))
+    if (report.get("metadata") or {}).get("vocab_only"):
+        lines.append("contents: a vocabulary only (no tensors, no hyperparameters)")
+    elif fields:
         lines.append("hyperparameters:")
         for k in fields:
             value = cfg.get(k)
