@@ -194,7 +194,9 @@ def test_codecs_encode_only_latin1():
 # --- malformed input and resource limits ------------------------------------------------------
 
 
-def _assert_quick_format_error(data, match=None, limits=None, seconds=3.0):
+def _assert_quick_format_error(data, match=None, limits=None, seconds=30.0):
+    # A guard against hangs and exponential work, not a speed measurement: the bound is far above
+    # the ~0.3 s these take on an idle machine, so a loaded CI machine does not fail it.
     t0 = time.perf_counter()
     with pytest.raises(FormatError, match=match):
         pv.loads(data, path="x.pkl", limits=limits)
