@@ -66,7 +66,7 @@ OUTPUTS = {
                   instead=" (readers infer token types from the texts and use llama.cpp's defaults for the rest)"),
     "llama2c": Holds("tokenizer.bin beside the model (token texts and scores)",
                      frozenset({"tokens", "model", "scores", "bos_id", "eos_id"}),
-                     assumed_ids=(("bos_id", 1), ("eos_id", 2)),
+                     assumed_ids=(("unk_id", 0), ("bos_id", 1), ("eos_id", 2)),
                      without_vocabulary="pass --tokenizer FILE (a tokenizer file or the GGUF itself) to write "
                                         "tokenizer.bin, or run `wconv tokenizer-to-bin`", needs_tokenizer_option=True,
                      instead=" (run.c has no chat template and uses bos 1, eos 2)"),
@@ -76,6 +76,8 @@ OUTPUTS = {
 
 def _set(tok, field) -> bool:
     value = getattr(tok, field, None)
+    if field == "pre" and tok.model == "llama" and value == "default":
+        return False  # what every reader of a sentencepiece-style vocabulary uses anyway
     return value is not None and value != [] and value != ""
 
 

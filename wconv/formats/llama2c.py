@@ -336,9 +336,9 @@ def quantize_groups(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndar
 
 # -------------------------------------------------------------------------- write
 
-def _check_model(model: Model) -> tuple[dict, bool, int]:
+def _check_model(model: Model, where=None) -> tuple[dict, bool, int]:
     """Validate that llama2.c can represent `model`; return (shapes, shared, hidden_dim)."""
-    c, where = model.config, model.path or None
+    c, where = model.config, where or model.path or None
     fam = arch.get(c.arch)
     if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"llama2.c .bin holds Llama-architecture models only (wconv writes "
@@ -397,7 +397,7 @@ def check_options(model: Model, out, *, version: int = 0, group_size: int | None
         raise UsageError(out, "--group-size only applies to version 2")
     if max_seq_len is not None and max_seq_len <= 0:
         raise UsageError(out, f"--max-seq-len must be positive, got {max_seq_len}")
-    _, _, hidden = _check_model(model)
+    _, _, hidden = _check_model(model, model.path or out)
     if version == 2:
         pick_group_size(model.config.dim, hidden, group_size, out)
 

@@ -154,7 +154,9 @@ def _pieces(t: LazyTensor, out: DType):
         yield np.ascontiguousarray(t.raw())
         return
     for piece in t.float32_chunks():
-        yield dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
+        with np.errstate(over="ignore"):  # values beyond F16 become infinities; write() says so
+            narrowed = dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
+        yield narrowed
 
 
 def _hf_plan(model) -> list:
