@@ -283,3 +283,20 @@ def test_f16_overflow_check_ignores_infinities_already_in_the_source():
 
     assert not _finite_source(LazyTensor.from_array("x", np.array([1.0, np.inf], np.float32)))
     assert _finite_source(LazyTensor.from_array("x", np.array([1.0, 1e6], np.float32)))
+
+
+def test_tokenizer_beside_not_carried_is_named_once(tmp_path):
+    import shutil
+
+    import hostile
+
+    d = tmp_path / "model"
+    shutil.copytree(fixture_path("hf-llama-tiny"), d)
+    (d / "tokenizer.model").write_bytes(hostile.sentencepiece_model(vocab(200)))
+    res = wconv("convert", d, tmp_path / "o.safetensors")
+    assert res.returncode == 0, res.stderr
+    about = [w for w in warnings_of(res) if "tokenizer.model" in w]
+    assert len(about) == 1 and "(200 tokens) is not carried" in about[0], res.stderr
+    res = wconv("convert", d, tmp_path / "o.gguf")  # an output that takes it: announced, not warned about
+    assert [w for w in warnings_of(res) if "tokenizer.model" in w and "using the tokenizer found beside" in w]
+    assert "not carried" not in res.stderr

@@ -101,14 +101,18 @@ def _written_arch_keys(model) -> set:
         return set()
 
 
+def carries_vocabulary(fmt: str, *, tokenizer_given: bool = False) -> bool:
+    holds = OUTPUTS[fmt]
+    return holds.vocabulary is not None and (tokenizer_given or not holds.needs_tokenizer_option)
+
+
 def losses(model, fmt: str, *, tokenizer_given: bool = False) -> list:
     """One warning per kind of loss converting `model` to `fmt`: what is dropped, what a reader sees."""
     holds = OUTPUTS[fmt]
     out = []
     tok = model.tokenizer
     vocab_from_source = tok is not None and tok.kind == "gguf" and not tokenizer_given
-    carried_vocab = tok is not None and holds.vocabulary is not None and (
-        tokenizer_given or not holds.needs_tokenizer_option)
+    carried_vocab = tok is not None and carries_vocabulary(fmt, tokenizer_given=tokenizer_given)
     if tok is not None and not carried_vocab:
         where = "the source's" if vocab_from_source else f"the tokenizer ({tok.source})"
         out.append(f"{where} vocabulary ({len(tok.tokens)} tokens) is not carried: {fmt} output "

@@ -120,7 +120,8 @@ def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **o
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
     options = given
     model = load_model(src, tokenizer=tokenizer)
-    announce_tokenizer(model)
+    if carried.carries_vocabulary(fmt, tokenizer_given=tokenizer is not None):
+        announce_tokenizer(model)  # (otherwise the warning that it is not carried names it)
     if carried.dropped_tokenizer(model):
         warn(model.path, carried.dropped_tokenizer(model))
     tok_out = None
