@@ -28,7 +28,7 @@ import signal
 import stat
 import tempfile
 
-from .errors import OutputError
+from .errors import OutputError, WconvError
 
 try:
     import resource
@@ -37,6 +37,32 @@ except ImportError:  # not on Windows
 
 TMP_SUFFIX = ".wconv-tmp"
 _CLEANUP_SIGNALS = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s}
+
+
+# Temporary output -> the path the user named, while the output is being written: messages
+# (warnings, errors raised inside the writer) name the user's path, never the temporary one.
+_LIVE: dict = {}
+
+
+def user_path(path):
+    """`path` with a live temporary output (or a file inside a temporary directory) replaced by
+    the output path it will become; any other path unchanged."""
+    if not path:
+        return path
+    p = os.fspath(path)
+    for tmp, final in _LIVE.items():
+        if p == tmp:
+            return final
+        if p.startswith(tmp + os.sep):
+            return os.path.join(final, p[len(tmp) + 1:])
+    return p
+
+
+def _user_message(e: WconvError) -> None:
+    """Rewrite an error raised while writing so it names the user's output, not the temporary."""
+    for tmp, final in _LIVE.items():
+        e.message = e.message.replace(tmp, final)
+    e.path = user_path(e.path)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -172,6 +198,7 @@ def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     os.close(fd)
+    _LIVE[tmp] = path
     try:
         yield tmp
         os.chmod(tmp, _final_mode(path))
@@ -180,6 +207,8 @@ def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
         os.replace(tmp, path)
     except BaseException as e:
         _fail(e, path, tmp, directory)
+    finally:
+        _LIVE.pop(tmp, None)
     _fsync_dir(directory)  # make the rename itself durable
 
 
@@ -187,6 +216,8 @@ def _fail(e: BaseException, path: str, tmp: str, directory: str):
     """Remove the temporary output and re-raise; an OSError becomes a one-line OutputError."""
     reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
     _remove_quietly(tmp)
+    if isinstance(e, WconvError):
+        _user_message(e)
     if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
         raise OutputError(path, f"write failed: {reason}; no output written") from None
     raise e
@@ -274,6 +305,7 @@ def atomic_dir(path, *, force: bool = False, inputs=(), own_output=None):
     path = check_dir_target(path, force=force, inputs=inputs, own_output=own_output)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    _LIVE[tmp] = path
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -281,4 +313,6 @@ def atomic_dir(path, *, force: bool = False, inputs=(), own_output=None):
         _swap_in(tmp, path, directory)
     except BaseException as e:
         _fail(e, path, tmp, directory)
+    finally:
+        _LIVE.pop(tmp, None)
     _fsync_dir(directory)

@@ -87,6 +87,8 @@ def _llama2c_options(fn):
 
 _force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+_verbose = click.option("--verbose", "-v", is_flag=True, help="List every tensor behind a summary warning "
+                                                               "(e.g. each of 61 re-quantised tensors).")
 _tok = click.option("--tokenizer", type=click.Path(dir_okay=False),
                     help="Tokenizer to embed / write, recognised by content: sentencepiece or Meta tiktoken "
                          "tokenizer.model, HF tokenizer.json (+ tokenizer_config.json beside it), vocab.json or "
@@ -127,13 +129,15 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @_tok
 @_force
 @_quiet
-def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+@_verbose
+def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_seq_len, tokenizer, force, quiet,
+            verbose):
     """Convert SRC (any readable format) to OUT."""
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to=to, dtype=dtype, version=bin_version, group_size=group_size,
                max_seq_len=max_seq_len, max_shard_size=max_shard_size, tokenizer=tokenizer, force=force,
-               quiet=quiet)
+               quiet=quiet, verbose=verbose)
 
 
 @main.command("pth-to-bin")
@@ -143,12 +147,13 @@ def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_se
 @_tok
 @_force
 @_quiet
-def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+@_verbose
+def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose):
     """Export a Llama checkpoint (Meta dir, .pth, ckpt.pt, HF dir) to a llama2.c .bin."""
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to="llama2c", version=bin_version, group_size=group_size,
-               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet)
+               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet, verbose=verbose)
 
 
 @main.command("tokenizer-to-bin")

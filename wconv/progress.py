@@ -25,5 +25,7 @@ def progress(total: int, label: str, *, quiet: bool = False):
 
 def warn(where, message: str) -> None:
     """One `wconv: warning:` line on stderr, naming the file when there is one."""
-    prefix = f"{where}: " if where else ""
+    from .atomic import user_path
+
+    prefix = f"{user_path(where)}: " if where else ""
     print(f"wconv: warning: {prefix}{message}", file=sys.stderr)

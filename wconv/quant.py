@@ -21,6 +21,7 @@ import numpy as np
 
 from . import dtypes
 from .dtypes import DType
+from .notes import tensor_note
 
 OPTION_TYPES = dtypes.BY_OPTION
 
@@ -108,15 +109,19 @@ def plan_types(tensors, option: str | None, *, can_hold) -> TypePlan:
                 target = src
             else:
                 target = dtypes.F32
-                plan.notes.append(f"{t.name}: {src.name} cannot be stored; written as F32")
+                plan.notes.append(tensor_note(f"{src.name} tensors written as F32 (the format cannot store "
+                                              f"{src.name})", t.name, f"{src.name} cannot be stored; written as F32"))
         else:
             target = OPTION_TYPES[option]
             if not row_fits(t.shape, target):
-                plan.notes.append(f"{t.name}: row length {t.shape[-1]} is not a multiple of "
-                                  f"{target.block}; written as F16 instead of {target.name}")
+                plan.notes.append(tensor_note(
+                    f"tensors written as F16 instead of {target.name}: rows not a multiple of {target.block}",
+                    t.name, f"row length {t.shape[-1]} is not a multiple of {target.block}; written as F16 "
+                            f"instead of {target.name}"))
                 target = dtypes.F16
             elif target.quantized and src.quantized and src != target:
-                plan.notes.append(f"{t.name}: re-quantised from {src.name} to {target.name}")
+                plan.notes.append(tensor_note(f"{src.name} tensors re-quantised to {target.name}", t.name,
+                                              f"re-quantised from {src.name} to {target.name}"))
         plan.types[t.name] = target
         plan.matrix_sizes[t.name] = (target, t.n_elements)
     return plan
@@ -151,6 +156,12 @@ def encode(t, target: DType) -> np.ndarray:
     if arr.nbytes != expected:
         raise ValueError(f"tensor {t.name}: {arr.nbytes} bytes of {target.name} data, expected {expected}")
     return arr
+
+
+def overflow_note(name: str, target: DType = dtypes.F16):
+    """The note for a tensor whose values beyond the F16 range became infinities."""
+    return tensor_note(f"tensors with values beyond the {target.name} range written as infinities", name,
+                       f"values beyond the {target.name} range became infinities")
 
 
 def overflowed(t, target: DType, arr: np.ndarray) -> bool:

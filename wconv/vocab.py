@@ -34,7 +34,7 @@ WHAT = {
     "gguf": "a GGUF file", "gpt2-vocab": "a GPT-2 style vocab.json / encoder.json + merges pair",
     "torch-zip": "a torch checkpoint (zip)", "torch-legacy": "a torch checkpoint (legacy pickle)",
     "safetensors": "a safetensors file", "ggml": "a GGML/GGJT model", "llama2c": "a llama2.c model .bin",
-    "json": "a JSON file that is no tokenizer file", "directory": "a directory", "empty": "an empty file",
+    "json": "a JSON file that is not a tokenizer", "directory": "a directory", "empty": "an empty file",
     "unknown": "not a tokenizer file wconv knows",
 }
 READS = ("sentencepiece or tiktoken tokenizer.model, tokenizer.json, vocab.json/encoder.json + merges, "
@@ -119,10 +119,12 @@ def sniff(path, wanted=None) -> str:
         return "empty"
     if head.startswith(b"GGUF"):
         return "gguf"
+    is_json = False
     if head.lstrip()[:1] == b"{" and (wanted is None or wanted & _JSON_KINDS):
         kind = _json_kind(path)
         if kind != "json":
             return kind
+        is_json = True
     if tiktoken_bpe.looks_like(head):
         return "tiktoken"
     if gpt2_vocab.looks_like_merges(head):
@@ -139,7 +141,9 @@ def sniff(path, wanted=None) -> str:
     from .convert.load import sniff as sniff_model
 
     kind = sniff_model(path)
-    return "unknown" if kind == "sentencepiece" else kind  # (load.sniff's guess from a .model name)
+    if kind in ("unknown", "sentencepiece"):  # (load.sniff's guess from a .model name is no answer here)
+        return "json" if is_json else "unknown"
+    return kind
 
 
 # ----------------------------------------------------------------------------- loading
@@ -163,7 +167,8 @@ def load_tokenizer(path) -> Tokenizer:
         hint = ""
         if kind in ("hf-tokenizer-config", "hf-generation-config"):
             hint = "; give the tokenizer.json or tokenizer.model of the same directory"
-        raise UnsupportedError(path, f"is {WHAT.get(kind, kind)}, not a tokenizer (wconv reads {READS}){hint}")
+        what = WHAT.get(kind, kind) if kind in ("unknown", "json") else f"{WHAT.get(kind, kind)}, not a tokenizer"
+        raise UnsupportedError(path, f"is {what} (wconv reads {READS}){hint}")
     return _load(path, kind)
 
 
@@ -329,6 +334,7 @@ def summary(tok: Tokenizer | None) -> dict | None:
     for t in types:
         counts[names.get(t, str(t))] = counts.get(names.get(t, str(t)), 0) + 1
     control = [i for i, t in enumerate(types) if t == 3]
+    normal = [i for i, t in enumerate(types) if t == 1][:8] if types else list(range(min(8, len(tok.tokens))))
     return {
         "model": tok.model, "kind": tok.kind, "n_tokens": len(tok.tokens),
         "bos_id": tok.bos_id, "eos_id": tok.eos_id, "unk_id": tok.unk_id, "pad_id": tok.pad_id,
@@ -338,6 +344,7 @@ def summary(tok: Tokenizer | None) -> dict | None:
                     for role in ("bos", "eos", "unk", "pad", "sep", "eot", "eom")
                     if getattr(tok, f"{role}_id") is not None},
         "control_tokens": [named(i) for i in control[:16]], "n_control_tokens": len(control),
+        "sample_tokens": [named(i) for i in normal],  # the first few ordinary tokens
         "eog_ids": tok.eog_ids, "add_bos": tok.add_bos, "add_eos": tok.add_eos,
         "add_space_prefix": tok.add_space_prefix, "has_chat_template": bool(tok.chat_template),
         "files": list(tok.files),
@@ -369,6 +376,8 @@ def format_summary(section: dict) -> list:
         shown = ", ".join(repr(v["text"]) for v in t.get("control_tokens", [])[:8])
         more = t["n_control_tokens"] - min(8, len(t.get("control_tokens", [])))
         lines.append(f"  control tokens: {t['n_control_tokens']} ({shown}{', ...' if more > 0 else ''})")
+    if t.get("sample_tokens"):
+        lines.append("  first tokens: " + ", ".join(f"{v['id']} {v['text']!r}" for v in t["sample_tokens"]))
     if t.get("eog_ids"):
         lines.append(f"  end of generation ids: {t['eog_ids']}")
     if t.get("token_types"):

@@ -36,14 +36,25 @@ def load_model(path, *, tokenizer=None, allow_unknown_globals: bool = False, str
             found = find_tokenizer_beside(path)
         except WconvError as e:  # an unreadable neighbour is not the model's problem
             found = None
-            model.metadata.setdefault("notes", []).append(f"ignored tokenizer.model beside the input: {e}")
-        # A neighbouring tokenizer.model with more tokens than the model has rows belongs to another model.
-        if found is not None and not (model.config.vocab_size and len(found.tokens) > model.config.vocab_size):
+            _drop_tokenizer(model, f"ignored the tokenizer file beside it: {e}")
+        # A neighbouring tokenizer with more tokens than the model has rows belongs to another model.
+        if found is not None and model.config.vocab_size and len(found.tokens) > model.config.vocab_size:
+            _drop_tokenizer(model, f"ignored the tokenizer beside it, {found.source}: it has {len(found.tokens)} "
+                                   f"tokens but the model only {model.config.vocab_size} embedding rows, so it "
+                                   "belongs to another model; the output gets no vocabulary from it (pass "
+                                   "--tokenizer to give the right one)")
+        elif found is not None:
             model.tokenizer = found
             model.metadata.setdefault("notes", []).append(f"using the tokenizer found beside the input: "
                                                           f"{found.source or 'tokenizer.model'}")
     model.path = path
     return model
+
+
+def _drop_tokenizer(model, why: str) -> None:
+    """Record why a tokenizer beside the input is not used: a note for inspect, a warning on convert."""
+    model.metadata.setdefault("notes", []).append(why)
+    model.metadata["_dropped_tokenizer"] = why
 
 
 def _load_file(path, fmt, allow_unknown_globals, strict) -> Model:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib
 import os
 
-from ..atomic import atomic_dir, atomic_path, check_target
+from ..atomic import atomic_dir, atomic_path, check_dir_target, check_target
+from .. import notes
 from ..errors import UnsupportedError, UsageError, WconvError
+from ..formats.gguf_io import check_vocab_fits
+from ..progress import warn
 from ..sniff import sniff
 from ..vocab import announce as announce_tokenizer
+from . import carried
 from .load import load_model, load_tokenizer
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
@@ -61,16 +65,21 @@ def own_output(fmt: str):
     return check
 
 
+def _preflight(model, out, fmt: str, options: dict) -> None:
+    """The writer's checks, before any temporary output exists: errors name the input or OUT."""
+    module = importlib.import_module(WRITERS[fmt][0])
+    if not model.tensors:  # e.g. llama.cpp's vocab-only GGUF files: inspectable, not convertible
+        raise UnsupportedError(model.path or None, "the model has no tensors (a vocab-only file?); nothing to convert")
+    module.check_options(model, out, **{k: v for k, v in options.items() if v is not None})
+
+
 def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     fmt = format_for(os.fspath(out), to)
     module_name, fn = WRITERS[fmt]
     module = importlib.import_module(module_name)
     writer = getattr(module, fn)
     options = {k: v for k, v in options.items() if v is not None}
-    if not model.tensors:  # e.g. llama.cpp's vocab-only GGUF files: inspectable, not convertible
-        raise UnsupportedError(model.path or None, "the model has no tensors (a vocab-only file?); nothing to convert")
-    if hasattr(module, "check_options"):  # refuse bad options naming OUT, before any temporary exists
-        module.check_options(model, out, **options)
+    _preflight(model, out, fmt, options)
     target = atomic_dir if fmt in DIRECTORY_FORMATS else atomic_path
     with target(out, force=force, inputs=input_files(model), own_output=own_output(fmt)) as tmp:
         writer(model, tmp, quiet=quiet, **options)
@@ -91,7 +100,13 @@ FORMAT_OPTIONS = {
 TOKENIZER_FORMATS = {"gguf", "ggjt", "llama2c", "hf"}
 
 
-def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
+def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, verbose=False, **options) -> str:
+    """Read SRC, say what OUT cannot hold, check every option, then write OUT (and tokenizer.bin)."""
+    with notes.verbose(verbose):
+        return _convert(src, out, to=to, tokenizer=tokenizer, force=force, quiet=quiet, **options)
+
+
+def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
     fmt = format_for(os.fspath(out), to)
     given = {k: v for k, v in options.items() if v is not None}
     for name in given:
@@ -105,7 +120,10 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
     options = given
     model = load_model(src, tokenizer=tokenizer)
-    announce_tokenizer(model)
+    if carried.carries_vocabulary(fmt, tokenizer_given=tokenizer is not None):
+        announce_tokenizer(model)  # (otherwise the warning that it is not carried names it)
+    if carried.dropped_tokenizer(model):
+        warn(model.path, carried.dropped_tokenizer(model))
     tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
         # pth-to-bin --tokenizer: tokenizer.bin beside the model, checked before anything is written.
@@ -117,6 +135,14 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         from ..formats.llama2c_tokenizer import check_writable
 
         check_writable(model.tokenizer)
+        emb = model.get("token_embd.weight")
+        if emb is not None:
+            check_vocab_fits(model.tokenizer, emb.shape[0], model.path)
+    _preflight(model, out, fmt, options)
+    check = check_dir_target if fmt in DIRECTORY_FORMATS else check_target
+    check(out, force=force, inputs=input_files(model), own_output=own_output(fmt))  # before the warnings below
+    for line in carried.losses(model, fmt, tokenizer_given=tokenizer is not None):
+        warn(model.path, line)
     save(model, out, to=fmt, force=force, quiet=quiet, **options)
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)

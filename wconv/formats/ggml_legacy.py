@@ -36,7 +36,8 @@ from .. import arch, quant
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Stored, Tokenizer
-from ..progress import progress, warn
+from ..notes import emit as emit_notes
+from ..progress import progress
 from ..tensor import LazyTensor
 
 MAGIC_GGML, MAGIC_GGMF, MAGIC_GGJT = 0x67676D6C, 0x67676D66, 0x67676A74
@@ -276,6 +277,34 @@ def n_mult_for(dim: int, hidden: int) -> int | None:
     return None
 
 
+def check_options(model: Model, out, *, dtype: str | None = None) -> None:
+    """Every check `write_ggjt` makes before its first byte, run before the temporary output
+    exists: what the model cannot be written as names the input, the options name OUT."""
+    from .gguf_io import check_vocab_fits, check_writable
+
+    where = model.path or os.fspath(out)
+    cfg = model.config
+    fam = arch.get(cfg.arch)
+    if fam is None or not fam.llama2c:
+        raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
+    if dtype == "bf16":
+        raise UsageError(out, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
+    if cfg.rope_scaling or cfg.head_width:
+        raise UnsupportedError(where, "ggjt cannot record " + ("RoPE scaling" if cfg.rope_scaling else
+                                                              f"a head width ({cfg.head_dim}) other than dim / n_heads"))
+    names, _ = check_writable(model, where)
+    try:
+        quant.plan_types([model.tensors[n] for n in names], dtype, can_hold=lambda dt: dt.name in GGJT_TYPES)
+    except ValueError as e:
+        raise UsageError(where, str(e)) from None
+    tok = model.tokenizer
+    if tok is not None:
+        if tok.model != "llama":
+            raise UnsupportedError(tok.source or where, f"ggjt stores sentencepiece (llama) vocabularies, not "
+                                                        f"{tok.model!r}")
+        check_vocab_fits(tok, model.tensors["token_embd.weight"].shape[0], where)
+
+
 def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None) -> list:
     """Write a llama model as ggjt v3 (the last pre-GGUF llama.cpp format). Returns notes."""
     from .gguf_io import check_writable  # the same completeness/shape checks as GGUF output
@@ -331,12 +360,11 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
                 f.write(b"\0" * (-f.tell() % ALIGNMENT))
                 arr = quant.encode(t, dt)
                 if quant.overflowed(t, dt, arr):
-                    notes.append(f"{t.name}: values beyond the F16 range became infinities")
+                    notes.append(quant.overflow_note(t.name))
                 arr.tofile(f)
                 del arr
                 bar.update(t.nbytes, t.name)
-    for note in notes:
-        warn(where, note)
+    emit_notes(where, notes)
     return notes
 
 

@@ -35,7 +35,8 @@ from ..arch.family import Problems
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Stored, Tokenizer
-from ..progress import progress, warn
+from ..notes import emit as emit_notes
+from ..progress import progress
 from ..tensor import LazyTensor
 
 GGUF_MAGIC = b"GGUF"
@@ -427,6 +428,44 @@ def check_writable(model: Model, where: str) -> tuple[list, int]:
     return names, fam
 
 
+def check_options(model: Model, out, *, dtype: str | None = None, max_seq_len: int | None = None) -> None:
+    """Every check `write` makes before its first byte, run before the temporary output exists:
+    what the model cannot be written as names the input, what the options ask for names OUT."""
+    where = model.path or os.fspath(out)
+    names, fam = check_writable(model, where)
+    cfg = model.config
+    if max_seq_len is not None and max_seq_len <= 0:
+        raise UsageError(out, f"--max-seq-len must be positive, got {max_seq_len}")
+    if cfg.arch == "gpt2":
+        rows = model.tensors["position_embd.weight"].shape[0]
+        if max_seq_len and max_seq_len != rows:
+            raise UsageError(out, f"GPT-2 context length is fixed by position_embd ({rows} rows); "
+                                  f"cannot write --max-seq-len {max_seq_len}")
+    elif not (max_seq_len or cfg.max_seq_len):
+        raise UsageError(where, "the model does not say its context length; pass --max-seq-len")
+    try:
+        quant.plan_types([model.tensors[n] for n in names], dtype, can_hold=lambda dt: quant.has_ggml_type(dt))
+    except ValueError as e:
+        raise UsageError(where, str(e)) from None
+    tok = model.tokenizer
+    if tok is not None:
+        check_vocab_fits(tok, model.tensors["token_embd.weight"].shape[0], where)
+        if tok.model == "gpt2" and not tok.merges:
+            raise UsageError(tok.source or where, "the byte-level BPE vocabulary has no merges, without which "
+                                                  "llama.cpp cannot load it")
+
+
+def check_vocab_fits(tok: Tokenizer, n_vocab: int, where) -> None:
+    """A vocabulary larger than the embedding belongs to another model: refused, naming both sizes."""
+    n = len(tok.tokens)
+    if n > n_vocab:
+        raise UsageError(tok.source or where, f"tokenizer has {n} tokens but the model {where} has {n_vocab} "
+                                              "embedding rows; it belongs to another model")
+    for key, arr in (("scores", tok.scores), ("token_types", tok.token_types)):
+        if arr is not None and len(arr) != n:
+            raise UsageError(tok.source or where, f"tokenizer {key} has {len(arr)} entries for {n} tokens")
+
+
 def _add_hparams(w, fam, cfg: Config, n_ctx: int, n_vocab: int):
     for key, value, kind in fam.gguf_metadata(cfg, n_ctx, n_vocab):
         full = f"{fam.gguf_arch}.{key}"
@@ -568,12 +607,11 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
                 t, dt = tensors[n], plan.types[n]
                 arr = quant.encode(t, dt)
                 if quant.overflowed(t, dt, arr):
-                    notes.append(f"{n}: values beyond the F16 range became infinities")
+                    notes.append(quant.overflow_note(n))
                 w.write_tensor_data(arr)
                 del arr
                 bar.update(t.nbytes, n)
     finally:
         w.close()
-    for note in notes:
-        warn(where, note)
+    emit_notes(where, notes)
     return notes

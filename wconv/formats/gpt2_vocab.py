@@ -27,6 +27,8 @@ def looks_like_merges(head: bytes) -> bool:
     if head.startswith(b"#version"):
         return True
     line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    if b"\0" in line:  # binary (e.g. a safetensors header length), not a text line
+        return False
     parts = line.split(b" ")
     return len(parts) == 2 and all(parts) and b"\t" not in line and not line.startswith((b"{", b"["))
 

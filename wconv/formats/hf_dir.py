@@ -23,6 +23,8 @@ import numpy as np
 from .. import arch, dtypes
 from ..errors import UnsupportedError, UsageError, WconvError
 from ..model import Model
+from ..notes import emit as emit_notes
+from ..notes import tensor_note
 from ..progress import warn
 from ..tensor import LazyTensor
 from . import safetensors_io
@@ -117,6 +119,10 @@ def check_options(model, out, *, dtype=None, max_shard_size=None, max_seq_len=No
     if c.arch == "gpt2" and max_seq_len and max_seq_len != c.max_seq_len:
         raise UsageError(out, f"GPT-2's context is its {c.max_seq_len} position embeddings; "
                               f"cannot write --max-seq-len {max_seq_len}")
+    if model.tokenizer is not None and c.vocab_size:
+        from .gguf_io import check_vocab_fits
+
+        check_vocab_fits(model.tokenizer, c.vocab_size, model.path or out)
 
 
 def _special_ids(model) -> tuple:
@@ -212,9 +218,14 @@ def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=Non
     sizes = [(name, out_dtype.nbytes(t.n_elements)) for name, t in tensors.items()]
     shards = plan_shards(sizes, limit)
 
+    notes = [tensor_note(f"{t.dtype.name} tensors dequantised to {out_dtype.name} (Hugging Face weights are "
+                         "not quantised)", n, f"{t.dtype.name} dequantised to {out_dtype.name}")
+             for n, t in model.tensors.items() if t.dtype.quantized]
+
     def write_shard(names, filename):
         part = Model(config=model.config, tensors={n: tensors[n] for n in names}, path=model.path)
-        safetensors_io.write(part, os.path.join(tmp_dir, filename), quiet=quiet, dtype=out_dtype, names="hf")
+        safetensors_io.write(part, os.path.join(tmp_dir, filename), quiet=quiet, dtype=out_dtype, names="hf",
+                             notes=notes)
 
     if len(shards) == 1:
         write_shard(shards[0], SINGLE_FILE)
@@ -228,6 +239,7 @@ def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=Non
         _write_json(os.path.join(tmp_dir, INDEX_FILE), index)
     _write_json(os.path.join(tmp_dir, "config.json"), hf_config(model, out_dtype, max_seq_len=max_seq_len))
     _copy_tokenizer(model, tmp_dir)
+    emit_notes(model.path or None, notes)
 
 
 def _write_json(path, obj) -> None:

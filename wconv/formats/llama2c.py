@@ -336,9 +336,9 @@ def quantize_groups(w: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndar
 
 # -------------------------------------------------------------------------- write
 
-def _check_model(model: Model) -> tuple[dict, bool, int]:
+def _check_model(model: Model, where=None) -> tuple[dict, bool, int]:
     """Validate that llama2.c can represent `model`; return (shapes, shared, hidden_dim)."""
-    c, where = model.config, model.path or None
+    c, where = model.config, where or model.path or None
     fam = arch.get(c.arch)
     if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"llama2.c .bin holds Llama-architecture models only (wconv writes "
@@ -372,15 +372,34 @@ def _check_model(model: Model) -> tuple[dict, bool, int]:
         if model[n].shape != shapes[n]:
             raise UnsupportedError(where, f"tensor {n} has shape {list(model[n].shape)}, "
                                           f"expected {list(shapes[n])}")
-    for note in fam.gguf_cannot_hold(c, runtime="llama2.c's run.c"):  # e.g. Mistral's sliding window
-        warn(None, note)
-    if c.norm_eps and abs(c.norm_eps - RUNC_NORM_EPS) > 1e-12:
-        warn(None, f"norm eps is {c.norm_eps:g} but run.c hard-codes 1e-5; llama2.c will run this model "
-              "with 1e-5")
-    if c.rope_theta and c.rope_theta != RUNC_ROPE_THETA:
-        warn(None, f"rope theta is {c.rope_theta:g} but run.c hard-codes 10000; llama2.c will produce "
-              "different outputs")
     return shapes, shared, hidden
+
+
+def cannot_hold(model: Model) -> list:
+    """What run.c will use instead of this model's values (the .bin has no field for them)."""
+    c = model.config
+    out = list(arch.require(c.arch).gguf_cannot_hold(c, runtime="llama2.c's run.c"))  # e.g. a sliding window
+    if c.norm_eps and abs(c.norm_eps - RUNC_NORM_EPS) > 1e-12:
+        out.append(f"norm eps is {c.norm_eps:g} but run.c hard-codes 1e-5; llama2.c will run this model with 1e-5")
+    if c.rope_theta and c.rope_theta != RUNC_ROPE_THETA:
+        out.append(f"rope theta is {c.rope_theta:g} but run.c hard-codes 10000; llama2.c will produce "
+                   "different outputs")
+    return out
+
+
+def check_options(model: Model, out, *, version: int = 0, group_size: int | None = None,
+                  max_seq_len: int | None = None) -> None:
+    """Every check `write` makes before its first byte, run before the temporary output exists:
+    what the model cannot be written as names the input, what the options ask for names OUT."""
+    if version not in (0, 1, 2):
+        raise UsageError(out, f"unknown llama2.c version {version} (0, 1 or 2)")
+    if group_size is not None and version != 2:
+        raise UsageError(out, "--group-size only applies to version 2")
+    if max_seq_len is not None and max_seq_len <= 0:
+        raise UsageError(out, f"--max-seq-len must be positive, got {max_seq_len}")
+    _, _, hidden = _check_model(model, model.path or out)
+    if version == 2:
+        pick_group_size(model.config.dim, hidden, group_size, out)
 
 
 def _write_f32(f, t: LazyTensor):
@@ -412,6 +431,8 @@ def write(model: Model, tmp_path, *, quiet: bool = False, version: int = 0, grou
     if group_size is not None and version != 2:
         raise UsageError(model.path or None, "--group-size only applies to version 2")
     shapes, shared, hidden = _check_model(model)
+    for note in cannot_hold(model):
+        warn(None, note)
     c = model.config
     n_kv = c.n_kv_heads or c.n_heads
     vocab = shapes["token_embd.weight"][0]

@@ -17,10 +17,12 @@ import struct
 
 import numpy as np
 
-from .. import arch, dtypes
+from .. import arch, dtypes, quant
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
+from ..notes import emit as emit_notes
+from ..notes import tensor_note
 from ..progress import progress
 from ..tensor import LazyTensor
 
@@ -152,7 +154,9 @@ def _pieces(t: LazyTensor, out: DType):
         yield np.ascontiguousarray(t.raw())
         return
     for piece in t.float32_chunks():
-        yield dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
+        with np.errstate(over="ignore"):  # values beyond F16 become infinities; write() says so
+            narrowed = dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
+        yield narrowed
 
 
 def _hf_plan(model) -> list:
@@ -189,21 +193,36 @@ def hf_config(model) -> dict:
         raise UnsupportedError(model.path or None, e.message) from None
 
 
-def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical") -> None:
-    """Stream `model` to `tmp_path`: header first, then one tensor's bytes at a time."""
+def check_options(model, out, *, dtype=None) -> None:
+    """Refuse, naming OUT, what a safetensors file cannot hold, before anything is written."""
+    requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), out, "safetensors output") if dtype else None
+    for t in model.tensors.values():
+        _out_dtype(t, requested)  # a tensor with no safetensors form is refused here (names its source)
+
+
+def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical", notes=None) -> None:
+    """Stream `model` to `tmp_path`: header first, then one tensor's bytes at a time.
+
+    Notes (dequantised tensors, F16 overflow) are printed once at the end, or, when a list is
+    given as `notes`, added to it for the caller to print (hf_dir: once for every shard)."""
     requested = None
     if dtype is not None:
-        requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), tmp_path, "safetensors output")
+        requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), model.path or tmp_path, "safetensors output")
     if names == "canonical":
         plan = list(model.tensors.items())
     elif names == "hf":
         plan = _hf_plan(model)
     else:
         raise UsageError(tmp_path, f"names must be 'canonical' or 'hf', not {names!r}")
+    own_notes = notes is None
+    notes = [] if own_notes else notes
 
     header, offset, items = {"__metadata__": config_metadata(model)}, 0, []
     for out_name, t in plan:
         out = _out_dtype(t, requested)
+        if t.dtype.quantized and not out.quantized:
+            notes.append(tensor_note(f"{t.dtype.name} tensors dequantised to {out.name} (safetensors has no "
+                                     "quantised types)", t.name, f"{t.dtype.name} dequantised to {out.name}"))
         nbytes = out.nbytes(t.n_elements)
         header[out_name] = {"dtype": out.name, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
         items.append((out_name, t, out, nbytes))
@@ -215,8 +234,11 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for out_name, t, out, nbytes in items:
-            written = 0
+            written, overflow = 0, False
+            narrowed = out is dtypes.F16 and t.dtype is not dtypes.F16
             for arr in _pieces(t, out):
+                if narrowed and not overflow:
+                    overflow = bool(np.isinf(arr).any()) and _finite_source(t)
                 if arr.dtype.byteorder == ">":
                     arr = arr.astype(arr.dtype.newbyteorder("<"))
                 data = arr.reshape(-1).view(np.uint8)  # zero-copy bytes, also for 0-d and empty tensors
@@ -225,4 +247,14 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
                 del arr, data
             if written != nbytes:
                 raise FormatError(t.source or t.name, f"tensor {t.name}: produced {written} bytes, expected {nbytes}")
+            if overflow:
+                notes.append(quant.overflow_note(t.name))
             bar.update(nbytes)
+    if own_notes:
+        emit_notes(model.path or None, notes)
+
+
+def _finite_source(t: LazyTensor) -> bool:
+    """Whether infinities in the F16 form of `t` are new (not already infinities in the source);
+    read again in bounded pieces, only for a tensor whose F16 form has some."""
+    return all(np.isfinite(piece).all() for piece in t.float32_chunks())
