@@ -41,9 +41,9 @@ def ftype_name(file_type: int) -> str:
 
 def fill(out: str, *, ftype: str, name: str) -> str:
     """OUT with the template fields of its file name filled in (the directory is left alone)."""
-    if not has_template(out):
-        return out
     directory, base = os.path.split(out)
+    if "{" not in base and "}" not in base:
+        return out
     safe = name.strip().replace(" ", "-").replace("/", "-").replace(os.sep, "-") or "model"
     for _, field, spec, conv in string.Formatter().parse(base):
         if field is not None and (field not in FIELDS or spec or conv):
