@@ -183,3 +183,21 @@ def test_bad_metadata_file_refused(tmp_path, content, words):
 def test_name_only_for_gguf(tmp_path):
     r = wconv("convert", HF_TINY, tmp_path / "x.safetensors", "--name", "n")
     assert r.returncode == 2 and "--name does not apply to safetensors" in r.stderr
+
+
+def test_vocab_only_of_a_real_gguf_tokenises_like_it(llama_cpp, tmp_path):
+    from conftest import realdata_path
+    from test_edit import REAL
+
+    real = realdata_path(*REAL)
+    out = tmp_path / "v.gguf"
+    r = wconv("convert", real, out, "--vocab-only")
+    assert r.returncode == 0, r.stderr
+    full = llama_cpp.Llama(model_path=real, n_ctx=32, verbose=False)
+    vocab = llama_cpp.Llama(model_path=os.fspath(out), vocab_only=True, verbose=False)
+    try:
+        for text in ["Hello world", " the quick brown fox", "Ünïcode and 12345", "\n\n  x"]:
+            want = full.tokenize(text.encode(), add_bos=True)
+            assert vocab.tokenize(text.encode(), add_bos=True) == want and len(want) > 2
+    finally:
+        full.close(), vocab.close()

@@ -295,3 +295,18 @@ def test_llama_cpp_loads_the_set_from_its_first_part(llama_cpp, tmp_path):
     split_logits = llama_cpp_logits(llama_cpp, first, tokens)
     assert np.array_equal(split_logits, llama_cpp_logits(llama_cpp, tmp_path / "one.gguf", tokens))
     assert np.isfinite(split_logits).all() and split_logits.std() > 0
+
+
+def test_real_gguf_split_merges_back_and_loads_in_llama_cpp(llama_cpp, tmp_path):
+    """A third-party GGUF (with its vocabulary): split by size, merged back to its own bytes, and the
+    set gives llama.cpp the original file's logits."""
+    from conftest import realdata_path
+    from test_edit import REAL, llama_run
+
+    real = realdata_path(*REAL)
+    paths = quietly(gguf_split.split, real, tmp_path / "r", max_bytes=200_000)
+    assert len(paths) > 2
+    assert filecmp.cmp(real, quietly(gguf_split.merge, paths[0], tmp_path / "m.gguf"), shallow=False)
+    got, meta = llama_run(llama_cpp, paths[0])
+    want, _ = llama_run(llama_cpp, real)
+    assert np.array_equal(got, want) and meta["split.count"] == str(len(paths))
