@@ -316,3 +316,66 @@ def atomic_dir(path, *, force: bool = False, inputs=(), own_output=None):
     finally:
         _LIVE.pop(tmp, None)
     _fsync_dir(directory)
+
+
+# --- sets of files (GGUF split sets) -------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_files(paths, *, force: bool = False, inputs=(), own_output=None):
+    """Yield a temporary directory beside `paths` (all in one directory); the caller writes each
+    output there under its final base name. On clean exit every file is renamed into place, on
+    any exception none is: all the outputs or none (files replaced under --force go aside first
+    and come back if a rename fails)."""
+    paths = [check_target(p, force=force, inputs=inputs, own_output=own_output) for p in paths]
+    directory = os.path.dirname(os.path.abspath(paths[0]))
+    if any(os.path.dirname(os.path.abspath(p)) != directory for p in paths):
+        raise OutputError(paths[0], "the files of one output must share a directory")
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(paths[0]) + ".", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        yield tmp
+        for p in paths:
+            staged = os.path.join(tmp, os.path.basename(p))
+            os.chmod(staged, _final_mode(p))
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+        _swap_files_in(tmp, paths)
+    except BaseException as e:
+        _fail(e, paths[0], tmp, directory)
+    _remove_quietly(tmp)
+    _fsync_dir(directory)
+
+
+def _swap_files_in(tmp: str, paths: list) -> None:
+    aside = os.path.join(tmp, ".replaced")
+    os.mkdir(aside)
+    moved, placed = [], []
+    with _signals_deferred():  # an interruption between the renames would leave half a set
+        try:
+            for p in paths:
+                if os.path.lexists(p):
+                    os.rename(p, os.path.join(aside, os.path.basename(p)))
+                    moved.append(p)
+            for p in paths:
+                os.rename(os.path.join(tmp, os.path.basename(p)), p)
+                placed.append(p)
+        except BaseException:
+            for p in placed:
+                _remove_now(p)
+            for p in moved:
+                os.rename(os.path.join(aside, os.path.basename(p)), p)
+            raise
+
+
+@contextlib.contextmanager
+def scratch_file(beside):
+    """Yield the path of a new empty temporary file in `beside`'s directory, removed afterwards
+    whatever happens (an intermediate output, e.g. the single GGUF a split set is cut from)."""
+    path = os.fspath(beside)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+    except BaseException as e:
+        _fail(e, path, tmp, directory)
+    _remove_quietly(tmp)

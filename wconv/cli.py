@@ -85,6 +85,15 @@ def _llama2c_options(fn):
     return fn
 
 
+def _split_options(fn):
+    """--split-max-size / --split-max-tensors, shared by convert and split (llama.cpp's spellings)."""
+    fn = click.option("--split-max-tensors", type=click.IntRange(min=1),
+                      help="GGUF: at most N tensors per part of a split set.")(fn)
+    return click.option("--split-max-size", metavar="N[K|M|G]",
+                        help="GGUF: write a llama.cpp split set NAME-00001-of-0000N.gguf ... with at most this "
+                             "many tensor bytes per part (decimal units: 5G = 5*10^9).")(fn)
+
+
 _force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 _verbose = click.option("--verbose", "-v", is_flag=True, help="List every tensor behind a summary warning "
@@ -125,19 +134,76 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
                    "1-D tensors stay f32 in GGUF.")
 @click.option("--max-shard-size", help="--to hf: split the weights into shards of at most this size "
                                        "(e.g. 5GB, the default, or 500MB) with model.safetensors.index.json.")
+@_split_options
+@click.option("--vocab-only", is_flag=True, help="GGUF: vocabulary and hyperparameters only, no tensors "
+                                                 "(llama.cpp loads it with vocab_only to tokenise).")
+@click.option("--dry-run", is_flag=True, help="GGUF: print the plan (output files, per-tensor types and sizes, "
+                                              "warnings) and write nothing.")
+@click.option("--name", help="GGUF: general.name (default: the source's name, else the file name).")
+@click.option("--metadata", type=click.Path(dir_okay=False),
+              help="GGUF: JSON file of general.* keys, as llama.cpp's convert_hf_to_gguf.py --metadata takes "
+                   "(author, version, license.name, tags, base_models, ...).")
 @_llama2c_options
 @_tok
 @_force
 @_quiet
 @_verbose
-def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_seq_len, tokenizer, force, quiet,
-            verbose):
-    """Convert SRC (any readable format) to OUT."""
+def convert(src, out, to, dtype, max_shard_size, split_max_size, split_max_tensors, vocab_only, dry_run, name,
+            metadata, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose):
+    """Convert SRC (any readable format) to OUT.
+
+    SRC may be the first part of a GGUF split set (NAME-00001-of-0000N.gguf): the set is read as
+    one model, so a GGUF OUT merges it. In a GGUF OUT's file name, {ftype} becomes the output
+    type (e.g. q8_0, f16) and {name} the model name.
+    """
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to=to, dtype=dtype, version=bin_version, group_size=group_size,
-               max_seq_len=max_seq_len, max_shard_size=max_shard_size, tokenizer=tokenizer, force=force,
-               quiet=quiet, verbose=verbose)
+               max_seq_len=max_seq_len, max_shard_size=max_shard_size, split_max_size=split_max_size,
+               split_max_tensors=split_max_tensors, vocab_only=vocab_only, dry_run=dry_run, name=name,
+               metadata=metadata, tokenizer=tokenizer, force=force, quiet=quiet,
+               verbose=verbose)
+
+
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("prefix", type=click.Path())
+@_split_options
+@click.option("--no-tensor-first-split", is_flag=True, help="Put no tensors in the first part (metadata only).")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@_force
+@_quiet
+def split(src, prefix, split_max_size, split_max_tensors, no_tensor_first_split, dry_run, force, quiet):
+    """Split the GGUF SRC into PREFIX-00001-of-0000N.gguf ... as llama.cpp's gguf-split does.
+
+    Metadata goes to the first part; split.no, split.count and split.tensors.count to every
+    part; tensor data is copied by the kernel. llama.cpp loads the set from its first part.
+    """
+    from .gguf_split import parse_size, split as do_split
+
+    if split_max_size is None and split_max_tensors is None:
+        raise click.UsageError("give --split-max-size or --split-max-tensors")
+    paths = do_split(src, prefix, max_bytes=parse_size(split_max_size) if split_max_size else None,
+                     max_tensors=split_max_tensors, no_tensor_first_split=no_tensor_first_split, force=force,
+                     quiet=quiet, dry_run=dry_run)
+    if not dry_run:
+        click.echo(f"wrote {len(paths)} parts: {paths[0]} ... {os.path.basename(paths[-1])}")
+
+
+@main.command()
+@click.argument("first", type=click.Path())
+@click.argument("out", type=click.Path())
+@_force
+@_quiet
+def merge(first, out, force, quiet):
+    """Merge the GGUF split set whose first part is FIRST into one GGUF OUT (kernel copies).
+
+    The metadata is the first part's without the split keys; a set split from a llama.cpp-style
+    GGUF merges back to the same bytes.
+    """
+    from .gguf_split import merge as do_merge
+
+    click.echo(f"wrote {do_merge(first, out, force=force, quiet=quiet)}")
 
 
 @main.command("pth-to-bin")

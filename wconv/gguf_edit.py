@@ -395,11 +395,11 @@ def edit_gguf(src, dst=None, *, set=(), delete=(), chat_template=None, in_place:
 def _check_written(src: str, tmp: str, out: str, before, new_data_offset: int) -> None:
     """Re-read the result: it parses (metadata, vocabulary), and every tensor is where it was."""
     try:
-        tensors = gguf_io.read(tmp, strict=False).tensors
+        tensors = gguf_io.read(tmp, strict=False, whole_set=False).tensors
         where = {name: t.storage_key[1] for name, t in tensors.items()}
     except WconvError as e:
         try:
-            gguf_io.read(src, strict=False)
+            gguf_io.read(src, strict=False, whole_set=False)
         except WconvError:  # the input itself does not read as a model: compare the headers only
             after, _ = gguf_io.read_header(tmp)
             tensors = {t.name: t for t in after.tensors}

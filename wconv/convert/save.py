@@ -12,7 +12,7 @@ from ..formats.gguf_io import check_vocab_fits
 from ..progress import warn
 from ..sniff import sniff
 from ..vocab import announce as announce_tokenizer
-from . import carried
+from . import carried, out_name
 from .load import load_model, load_tokenizer
 
 # format -> (module, writer function). Every writer: fn(model, tmp_path, *, progress_quiet, **options).
@@ -87,8 +87,9 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
 
 
 # Options each output format takes (besides force/quiet), as CLI spellings for messages.
+GGUF_CONVENIENCES = ("split_max_size", "split_max_tensors", "vocab_only", "dry_run", "name", "metadata")
 FORMAT_OPTIONS = {
-    "gguf": ("dtype", "max_seq_len"),
+    "gguf": ("dtype", "max_seq_len", *GGUF_CONVENIENCES),
     "safetensors": ("dtype",),
     "llama2c": ("version", "group_size", "max_seq_len"),
     "ggjt": ("dtype",),
@@ -108,7 +109,7 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, verb
 
 def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
     fmt = format_for(os.fspath(out), to)
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and v is not False}
     for name in given:
         if name not in FORMAT_OPTIONS[fmt]:
             hint = "; use --version 2 for int8" if (fmt, name) == ("llama2c", "dtype") else ""
@@ -118,12 +119,17 @@ def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **o
                               f"formats that take one: {', '.join(sorted(TOKENIZER_FORMATS))}")
     if given.get("max_seq_len") is not None and given["max_seq_len"] < 1:
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
+    if fmt != "gguf":
+        out_name.refuse_template(out, fmt)
     options = given
     model = load_model(src, tokenizer=tokenizer)
     if carried.carries_vocabulary(fmt, tokenizer_given=tokenizer is not None):
         announce_tokenizer(model)  # (otherwise the warning that it is not carried names it)
     if carried.dropped_tokenizer(model):
         warn(model.path, carried.dropped_tokenizer(model))
+    if fmt == "gguf":
+        return _convert_gguf(model, out, force=force, quiet=quiet, tokenizer_given=tokenizer is not None,
+                             **options)
     tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
         # pth-to-bin --tokenizer: tokenizer.bin beside the model, checked before anything is written.
@@ -166,3 +172,46 @@ def _own_tokenizer_bin(path):
     except WconvError:
         return "it is not a llama2.c tokenizer.bin"
     return None
+
+
+def _convert_gguf(model, out, *, force=False, quiet=False, tokenizer_given=False, dtype=None, max_seq_len=None,
+                  split_max_size=None, split_max_tensors=None, vocab_only=False, dry_run=False, name=None,
+                  metadata=None) -> str:
+    """GGUF output with llama.cpp's converter conveniences: OUT templates ({ftype}, {name}),
+    --name/--metadata, --vocab-only, --split-max-size/--split-max-tensors, --dry-run."""
+    from .. import gguf_meta, gguf_split
+    from ..atomic import scratch_file
+    from ..formats import gguf_io
+
+    where = model.path or os.fspath(out)
+    if not model.tensors:
+        raise UnsupportedError(model.path or None, "the model has no tensors (a vocab-only file?); nothing to convert")
+    overrides = gguf_meta.overrides(metadata, name)
+    plan = gguf_io.plan(model, where, dtype=dtype, max_seq_len=max_seq_len)
+    if vocab_only and model.tokenizer is None:
+        raise UsageError(where, "--vocab-only: the model has no vocabulary to write; pass --tokenizer")
+    model_name = overrides["general.name"][1] if "general.name" in overrides else gguf_io._model_name(model)
+    out = out_name.fill(os.fspath(out), ftype=out_name.ftype_name(plan.file_type(model, dtype)), name=model_name)
+    max_bytes = gguf_split.parse_size(split_max_size) if split_max_size is not None else None
+    sizes = [] if vocab_only else [plan.types.types[n].nbytes(t.n_elements) for n, t in plan.tensors.items()]
+    splitting = max_bytes is not None or split_max_tensors is not None
+    groups = gguf_split.plan_split(sizes, max_bytes, split_max_tensors) if splitting else [list(range(len(sizes)))]
+    paths = gguf_split.output_paths(out, len(groups), single=out)
+    _preflight(model, out, "gguf", dict(dtype=dtype, max_seq_len=max_seq_len))
+    inputs = input_files(model)
+    for p in paths:  # refuse before the warnings and the long write, not after
+        check_target(p, force=force, inputs=inputs, own_output=own_output("gguf"))
+    for line in carried.losses(model, "gguf", tokenizer_given=tokenizer_given):
+        warn(model.path, line)
+    if dry_run:
+        print(out_name.describe(model, plan, groups, sizes, paths, vocab_only=vocab_only, overrides=overrides))
+        return "gguf"
+    write_options = dict(dtype=dtype, max_seq_len=max_seq_len, vocab_only=vocab_only, metadata_overrides=overrides)
+    if len(paths) == 1:
+        save(model, out, to="gguf", force=force, quiet=quiet, **write_options)
+        return "gguf"
+    with scratch_file(paths[0]) as single:
+        gguf_io.write(model, single, quiet=quiet, **write_options)
+        gguf_split.split(single, out, max_bytes=max_bytes, max_tensors=split_max_tensors, force=force,
+                         quiet=quiet, inputs=inputs)
+    return "gguf"

@@ -38,6 +38,7 @@ from ..model import Config, Model, Stored, Tokenizer
 from ..notes import emit as emit_notes
 from ..progress import progress
 from ..tensor import LazyTensor
+from . import gguf_set
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -348,30 +349,53 @@ def read_header(path) -> tuple[Header, int]:
     return h, size
 
 
-def read(path, *, strict: bool = True) -> Model:
+def read_set(path, *, whole_set: bool = True) -> list:
+    """[(part path, Header, file size)]: the file itself, or every part of the split set it is the
+    first part of (wconv.formats.gguf_set: all parts present, split keys and tensor total as llama.cpp
+    checks them). whole_set=False reads just the file (edit, verify: one part as stored)."""
+    path = os.fspath(path)
+    h, size = read_header(path)
+    if not whole_set or gguf_set.declared_count(h) <= 1:
+        return [(path, h, size)]
+    paths = gguf_set.part_paths(path, h)
+    parts = [(path, h, size)] + [(p, *read_header(p)) for p in paths[1:]]
+    gguf_set.check_parts(paths, [ph for _, ph, _ in parts])
+    return parts
+
+
+def read(path, *, strict: bool = True, whole_set: bool = True) -> Model:
     """Open a GGUF file lazily: config and tokenizer from metadata, tensors as mmap views.
 
+    The first part of a split set is read as the whole model (its metadata, every part's
+    tensors); whole_set=False reads one file only.
     strict=False (inspect) shows files of architectures or settings wconv does not implement
     as arch "unknown" with the reason in metadata["warnings"], instead of refusing them.
     """
     path = os.fspath(path)
-    h, size = read_header(path)
+    parts = read_set(path, whole_set=whole_set)
+    h = parts[0][1]
     arch_name = _text(h.kv.get("general.architecture", b""))
     if not isinstance(arch_name, str):
         raise FormatError(path, "general.architecture is not a string")
     tokenizer = _tokenizer(h.kv, path)
 
-    base = os.path.basename(path)
-    tensors = {}
-    for info in h.tensors:
-        if info.dtype.quantized and h.endian == ">":
-            raise UnsupportedError(path, f"tensor {info.name}: quantised tensors in big-endian GGUF are not supported")
-        tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
-                                        _tensor_loader(path, size, info, h.endian), source=f"{base}:{info.name}",
-                                        storage_key=(path, info.offset))
+    tensors, file_of = {}, {}
+    for part, ph, size in parts:
+        base = os.path.basename(part)
+        for info in ph.tensors:
+            if info.dtype.quantized and ph.endian == ">":
+                raise UnsupportedError(part, f"tensor {info.name}: quantised tensors in big-endian GGUF are not "
+                                             "supported")
+            tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
+                                            _tensor_loader(part, size, info, ph.endian),
+                                            source=f"{base}:{info.name}", storage_key=(part, info.offset))
+            file_of[info.name] = part
 
-    metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv),
-                "_input_files": [path], "_arch_source": f"declared by GGUF general.architecture ({arch_name!r})"}
+    metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(tensors), "GGUF.kv_count": len(h.kv),
+                "_input_files": [p for p, _, _ in parts],
+                "_arch_source": f"declared by GGUF general.architecture ({arch_name!r})"}
+    if len(parts) > 1:
+        metadata["GGUF.split_files"] = [p for p, _, _ in parts]
     metadata.update({k: _summary(v, h.kv_types[k]) for k, v in h.kv.items()})
     metadata["GGUF.alignment"] = h.alignment
     metadata["GGUF.byte_order"] = "big" if h.endian == ">" else "little"
@@ -386,7 +410,7 @@ def read(path, *, strict: bool = True) -> Model:
     if problems.notes:
         metadata["notes"] = problems.notes
     known = cfg.arch != "unknown"
-    stored = [Stored(path, n, t, n if known and n in tensors else None,
+    stored = [Stored(file_of[n], n, t, n if known and n in tensors else None,
                      "" if n in tensors or not known else "folded into the config's RoPE scaling")
               for n, t in in_file.items()]
     return Model(config=cfg, tensors=tensors, tokenizer=tokenizer, metadata=metadata,
@@ -428,25 +452,21 @@ def check_writable(model: Model, where: str) -> tuple[list, int]:
     return names, fam
 
 
-def check_options(model: Model, out, *, dtype: str | None = None, max_seq_len: int | None = None) -> None:
+def check_options(model: Model, out, *, dtype: str | None = None, max_seq_len: int | None = None,
+                  **_writer_only) -> None:
     """Every check `write` makes before its first byte, run before the temporary output exists:
-    what the model cannot be written as names the input, what the options ask for names OUT."""
+    what the model cannot be written as names the input, what the options ask for names OUT.
+    (vocab_only / metadata_overrides change nothing that can fail here.)"""
     where = model.path or os.fspath(out)
-    names, fam = check_writable(model, where)
-    cfg = model.config
     if max_seq_len is not None and max_seq_len <= 0:
         raise UsageError(out, f"--max-seq-len must be positive, got {max_seq_len}")
-    if cfg.arch == "gpt2":
+    cfg = model.config
+    if cfg.arch == "gpt2" and max_seq_len and "position_embd.weight" in model.tensors:
         rows = model.tensors["position_embd.weight"].shape[0]
-        if max_seq_len and max_seq_len != rows:
+        if max_seq_len != rows:
             raise UsageError(out, f"GPT-2 context length is fixed by position_embd ({rows} rows); "
                                   f"cannot write --max-seq-len {max_seq_len}")
-    elif not (max_seq_len or cfg.max_seq_len):
-        raise UsageError(where, "the model does not say its context length; pass --max-seq-len")
-    try:
-        quant.plan_types([model.tensors[n] for n in names], dtype, can_hold=lambda dt: quant.has_ggml_type(dt))
-    except ValueError as e:
-        raise UsageError(where, str(e)) from None
+    plan(model, where, dtype=dtype, max_seq_len=max_seq_len)  # shapes, context length, per-tensor types
     tok = model.tokenizer
     if tok is not None:
         check_vocab_fits(tok, model.tensors["token_embd.weight"].shape[0], where)
@@ -555,15 +575,23 @@ def _model_name(model: Model) -> str:
     return "model"
 
 
-def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
-          max_seq_len: int | None = None) -> list:
-    """Write `model` as GGUF v3 to `tmp_path`, one tensor in memory at a time.
+@dataclass
+class WritePlan:
+    """What write() will write: the tensors in order, each one's GGUF type, and the notes."""
+    fam: object
+    n_ctx: int
+    n_vocab: int
+    tensors: dict  # name -> LazyTensor, in file order (GGUF-only tensors such as rope_freqs first)
+    types: object  # quant.TypePlan
+    notes: list  # what GGUF cannot hold of the config (the type fallbacks are in types.notes)
 
-    Returns the list of notes (type fallbacks, padding...), also printed to stderr.
-    """
-    from gguf import GGUFWriter
+    def file_type(self, model: Model, dtype) -> int:
+        keep_type = dtype is None and isinstance(model.metadata.get("general.file_type"), int)
+        return model.metadata["general.file_type"] if keep_type else self.types.file_type()
 
-    where = model.path or os.fspath(tmp_path)
+
+def plan(model: Model, where, *, dtype: str | None = None, max_seq_len: int | None = None) -> WritePlan:
+    """Check `model` against what llama.cpp loads and decide every tensor's type; writes nothing."""
     cfg = model.config
     names, fam = check_writable(model, where)
     if max_seq_len is not None and max_seq_len <= 0:  # not "unset": 0 would silently mean the default
@@ -580,23 +608,52 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     n_vocab = model.tensors["token_embd.weight"].shape[0]
     extra = fam.gguf_extra_tensors(cfg)  # e.g. llama3 RoPE factors, which llama.cpp reads as a tensor
     tensors = {**extra, **{n: model.tensors[n] for n in names}}
-    names = list(tensors)
     try:
-        plan = quant.plan_types([tensors[n] for n in names], dtype,
-                                can_hold=lambda dt: quant.has_ggml_type(dt))
+        types = quant.plan_types(list(tensors.values()), dtype, can_hold=lambda dt: quant.has_ggml_type(dt))
     except ValueError as e:
         raise UsageError(where, str(e)) from None
-    notes = list(plan.notes) + fam.gguf_cannot_hold(cfg)
+    return WritePlan(fam, n_ctx, n_vocab, tensors, types, fam.gguf_cannot_hold(cfg))
+
+
+def _add_overrides(w, overrides: dict) -> None:
+    """general.* keys given by --metadata (wconv.gguf_meta): key -> (GGUF type name, value)."""
+    adders = {"STRING": w.add_string, "INT32": w.add_int32, "UINT32": w.add_uint32, "FLOAT32": w.add_float32,
+              "ARRAY": w.add_array}
+    for key, (kind, value) in overrides.items():
+        if key != "general.name":
+            adders[kind](key, value)
+
+
+def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
+          max_seq_len: int | None = None, vocab_only: bool = False, metadata_overrides: dict | None = None) -> list:
+    """Write `model` as GGUF v3 to `tmp_path`, one tensor in memory at a time.
+
+    vocab_only: hyperparameters and vocabulary, no tensors (llama.cpp's vocab_only load).
+    metadata_overrides: general.* keys to add (key -> (type, value); general.name replaces the name).
+    Returns the list of notes (type fallbacks, padding...), also printed to stderr.
+    """
+    from gguf import GGUFWriter
+
+    where = model.path or os.fspath(tmp_path)
+    cfg = model.config
+    p = plan(model, where, dtype=dtype, max_seq_len=max_seq_len)
+    fam, n_ctx, n_vocab = p.fam, p.n_ctx, p.n_vocab
+    if vocab_only and model.tokenizer is None:
+        raise UsageError(where, "--vocab-only: the model has no vocabulary to write; pass --tokenizer")
+    notes = ([] if vocab_only else list(p.types.notes)) + p.notes
+    tensors = {} if vocab_only else p.tensors
+    names = list(tensors)
+    overrides = metadata_overrides or {}
 
     w = GGUFWriter(None, fam.gguf_arch)
-    w.add_name(_model_name(model))
-    keep_type = dtype is None and isinstance(model.metadata.get("general.file_type"), int)
-    w.add_file_type(model.metadata["general.file_type"] if keep_type else plan.file_type())
+    w.add_name(overrides["general.name"][1] if "general.name" in overrides else _model_name(model))
+    _add_overrides(w, overrides)
+    w.add_file_type(p.file_type(model, dtype))
     w.add_quantization_version(2)  # GGML_QNT_VERSION: current Q4_0/Q8_0 block layouts
     _add_hparams(w, fam, cfg, n_ctx, n_vocab)
     _add_vocab(w, model, n_vocab, where, notes)
     for n in names:
-        t, dt = tensors[n], plan.types[n]
+        t, dt = tensors[n], p.types.types[n]
         w.add_tensor_info(n, t.shape, np.dtype(np.float32), dt.nbytes(t.n_elements), raw_dtype=quant.ggml_type(dt))
     w.write_header_to_file(Path(tmp_path))
     w.write_kv_data_to_file()
@@ -604,7 +661,7 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     try:
         with progress(sum(tensors[n].nbytes for n in names), "writing GGUF", quiet=quiet) as bar:
             for n in names:
-                t, dt = tensors[n], plan.types[n]
+                t, dt = tensors[n], p.types.types[n]
                 arr = quant.encode(t, dt)
                 if quant.overflowed(t, dt, arr):
                     notes.append(quant.overflow_note(n))

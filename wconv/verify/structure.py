@@ -191,7 +191,7 @@ def _gguf(r: _Report, crc: bool, workers):
         h, _ = gguf_io.read_header(r.path)
         _gguf_layout(r, r.path, h)
         _gguf_part_is_alone(r, h)
-        r.tensors = list(gguf_io.read(r.path, strict=False).tensors.values())  # metadata and vocabulary consistent
+        r.tensors = list(gguf_io.read(r.path, strict=False, whole_set=False).tensors.values())  # metadata and vocabulary consistent
     else:
         _gguf_split_set(r, m)
     r.n_tensors, r.n_bytes = len(r.tensors), sum(t.nbytes for t in r.tensors)
@@ -268,7 +268,7 @@ def _gguf_split_set(r: _Report, m):
     r.checks.append(f"split set of {count} parts: split.no/count/tensors.count, no tensor in two parts")
     if not r.problems:
         for p, _ in headers:
-            r.tensors += list(gguf_io.read(p, strict=False).tensors.values())
+            r.tensors += list(gguf_io.read(p, strict=False, whole_set=False).tensors.values())
 
 
 # --- the rest ----------------------------------------------------------------------------
