@@ -1,0 +1,508 @@
+"""GGML block quantisers in numpy, byte-identical to ggml's reference C code.
+
+Follows ggml/src/ggml-quants.c of the llama.cpp that llama-cpp-python 0.3.36 builds:
+quantize_row_q{2,3,4,5,6}_K_ref (what llama-quantize runs when no importance matrix
+is given) and quantize_row_q{4_0,4_1,5_0,5_1}_ref. Own code, written from the C for
+the facts that decide the bytes:
+
+- every value is float32 and every expression is evaluated in the C order;
+- C sums run sequentially from 0. Arrays here are laid out (elements, sub-blocks), so
+  `np.add.reduce(a, axis=0)` walks the element axis in order for every sub-block at
+  once; numpy's pairwise summation only applies along the contiguous axis, which is
+  never the one summed here (tests/test_kquants.py checks this property of numpy).
+  Adding 0.0 afterwards turns a -0.0 result into the +0.0 that `0.0f + ...` gives;
+- nearest_int adds 1.5*2^23 and reads the low mantissa bits: round-half-to-even.
+  Where the argument is bounded by the quant range we use the float form
+  (f + K) - K, equal to it for |f| < 2^22 and never -0.0; elsewhere the bit form;
+- GGML_FP32_TO_FP16 rounds to nearest even, as numpy's float16 cast does;
+- C's strict `>` / `<` running maxima keep the first element of a tie (this decides
+  the sign of a scale and the sign of zeros), so those scans are explicit.
+
+Search loops (make_qkx2_quants, make_qx_quants, make_q3_quants) run over their
+iterations and elements in Python, each step vectorised over all sub-blocks of a
+chunk. Inputs are processed in chunks of blocks so the working set stays in cache.
+
+ENCODERS maps a GGML type name to fn(rows: float32 (nrows, n)) -> uint8 bytes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+QK_K = 256
+F32 = np.float32
+_MAGIC = F32(12582912.0)  # 1.5 * 2**23
+_GROUP_MAX_EPS = F32(1e-15)
+_CHUNK_BLOCKS = 512  # super-blocks per chunk: a few hundred KB per working array
+
+BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+               "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+BLOCK_SIZE = {"Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K,
+              "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32}
+
+
+# ---------------------------------------------------------------- helpers
+
+def _round_bounded(f: np.ndarray) -> np.ndarray:
+    """nearest_int(f) as float32, for |f| < 2^22 (new array; +0.0 for zero results)."""
+    r = f + _MAGIC
+    r -= _MAGIC
+    return r
+
+
+def _nearest_int(f) -> np.ndarray:
+    """nearest_int(f) exactly as the C does it (int32), for any float32 input."""
+    bits = (np.asarray(f, dtype=F32) + _MAGIC).view(np.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
+
+
+def _csum(a: np.ndarray) -> np.ndarray:
+    """C's `float s = 0; for (i...) s += a[i];` along axis 0, for every column."""
+    s = np.add.reduce(a, axis=0)
+    s += F32(0.0)
+    return s
+
+
+def _fp16_bits(v: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16 (round to nearest even) as uint16."""
+    with np.errstate(over="ignore"):
+        return np.asarray(v, dtype=F32).astype(np.float16).view(np.uint16)
+
+
+def _fp16_value(bits: np.ndarray) -> np.ndarray:
+    return bits.view(np.float16).astype(F32)
+
+
+def _first_absmax(xt: np.ndarray):
+    """C's `if (fabsf(x) > amax) { amax = fabsf(x); max = x; }` from 0, over axis 0."""
+    amax = np.zeros(xt.shape[1:], F32)
+    vmax = np.zeros(xt.shape[1:], F32)
+    for i in range(xt.shape[0]):
+        ax = np.abs(xt[i])
+        take = ax > amax
+        np.copyto(amax, ax, where=take)
+        np.copyto(vmax, xt[i], where=take)
+    return amax, vmax
+
+
+def _first_min_max(xt: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """C's `if (x < min) min = x; if (x > max) max = x;` over axis 0 from lo/hi."""
+    for i in range(xt.shape[0]):
+        np.copyto(lo, xt[i], where=xt[i] < lo)
+        np.copyto(hi, xt[i], where=xt[i] > hi)
+    return lo, hi
+
+
+def _sub_blocks(x: np.ndarray, n: int) -> np.ndarray:
+    """(nblocks, QK_K) -> (n, nblocks * QK_K / n): element index first, contiguous."""
+    return np.ascontiguousarray(x.reshape(-1, n).T)
+
+
+def _positive_max(v: np.ndarray) -> np.ndarray:
+    """C's `float m = 0; if (v > m) m = v;` over the last axis (NaNs never taken)."""
+    m = np.fmax.reduce(v, axis=-1)
+    return np.where(m > 0, m, F32(0.0)).astype(F32)
+
+
+def _first_absmax_last(v: np.ndarray):
+    """_first_absmax over the last axis of (nb, k): (amax, signed value), NaNs never taken."""
+    return _first_absmax(np.ascontiguousarray(v.T))
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """qs[j/4 + l] = L[j+l] | L[j+l+32]<<2 | L[j+l+64]<<4 | L[j+l+96]<<6, j in {0, 128}."""
+    q = L.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+# ------------------------------------------------- make_qkx2_quants (Q2_K, Q4_K, Q5_K)
+
+def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
+    """Scale, -min and levels of each sub-block (column of xt); levels as float32 (n, M)."""
+    n, M = xt.shape
+    mn = xt[0].copy()
+    mx = xt[0].copy()
+    _first_min_max(xt[1:], mn, mx)
+    sum_w = np.add.reduce(wt, axis=0)          # C starts from weights[0]
+    sum_x = np.add.reduce(wt * xt, axis=0)     # and from weights[0] * x[0]
+    mn = np.where(mn > 0, F32(0.0), mn)
+    flat = mx == mn
+    fnmax = F32(nmax)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rng = mx - mn
+        iscale = fnmax / rng
+        scale = F32(1.0) / iscale
+        L = _round_bounded(iscale * (xt - mn))
+        np.clip(L, 0, fnmax, out=L)
+        diff = scale * L + mn - xt
+        diff = np.abs(diff) if use_mad else diff * diff
+        best = _csum(wt * diff)
+        for step in range(nstep + 1):
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (mx - mn)
+            Laux = _round_bounded(iscale * (xt - mn))
+            np.clip(Laux, 0, fnmax, out=Laux)
+            wl = wt * Laux
+            sum_l = _csum(wl)
+            sum_l2 = _csum(wl * Laux)
+            sum_xl = _csum(wl * xt)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            if pos.any():
+                this_min = np.where(pos, F32(0.0), this_min)
+                this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            diff = this_scale * Laux + this_min - xt
+            diff = np.abs(diff, out=diff) if use_mad else np.multiply(diff, diff, out=diff)
+            cur = _csum(wt * diff)
+            better = (D > 0) & (cur < best)
+            if better.any():
+                np.copyto(L, Laux, where=better)
+                np.copyto(best, cur, where=better)
+                np.copyto(scale, this_scale, where=better)
+                np.copyto(mn, this_min, where=better)
+    if flat.any():
+        L[:, flat] = 0
+        scale = np.where(flat, F32(0.0), scale)
+    return scale.astype(F32), (-mn).astype(F32), L
+
+
+def _scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """The 12-byte 6-bit scale/min packing of Q4_K/Q5_K (inverse of get_scale_min_k4)."""
+    out = np.zeros((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, 0:4]
+    out[:, 4:8] = lm[:, 0:4]
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    out[:, 0:4] |= (ls[:, 4:8] >> 4) << 6
+    out[:, 4:8] |= (lm[:, 4:8] >> 4) << 6
+    return out
+
+
+def _requantize_with_min(xt, L, d_sub, dm_sub, nmax):
+    """Final pass of Q2_K/Q4_K/Q5_K: l = nearest_int((x + dm)/d) where d != 0, else keep L."""
+    keep = d_sub == 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest_int((xt + dm_sub) / d_sub)
+    np.clip(q, 0, nmax, out=q)
+    q = q.astype(F32)
+    if keep.any():
+        q[:, keep] = L[:, keep]
+    return q
+
+
+def _q45_K_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """Shared part of Q4_K and Q5_K for x (nb, 256): d, dmin, 12 scale bytes, levels (nb, 256)."""
+    nb = x.shape[0]
+    xt = _sub_blocks(x, 32)
+    sum_x2 = _csum(xt * xt)
+    av_x = np.sqrt(sum_x2 / F32(32))
+    wt = av_x + np.abs(xt)
+    scales, mins, L = _make_qkx2(xt, wt, nmax, rmin, 0.1, nstep, False)
+    scales = scales.reshape(nb, 8)
+    mins = mins.reshape(nb, 8)
+    max_scale = _positive_max(scales)
+    max_min = _positive_max(mins)
+    with np.errstate(divide="ignore"):
+        inv_scale = np.where(max_scale > 0, F32(63.0) / max_scale, F32(0.0)).astype(F32)
+        inv_min = np.where(max_min > 0, F32(63.0) / max_min, F32(0.0)).astype(F32)
+    # uint8_t ls = nearest_int(...): the int wraps to 8 bits, then MIN(63, ls)
+    ls = np.minimum(_nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
+    lm = np.minimum(_nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+    d = _fp16_bits(max_scale / F32(63.0))
+    dmin = _fp16_bits(max_min / F32(63.0))
+    d_sub = (_fp16_value(d)[:, None] * ls.astype(F32)).reshape(-1)
+    dm_sub = (_fp16_value(dmin)[:, None] * lm.astype(F32)).reshape(-1)
+    Lq = _requantize_with_min(xt, L, d_sub, dm_sub, nmax)
+    levels = Lq.T.reshape(nb, QK_K).astype(np.uint8)
+    return d, dmin, _scale_min_k4(ls, lm), levels
+
+
+def _q4_K_chunk(x):
+    d, dmin, sc, L = _q45_K_chunk(x, 15, -1.0, 20)
+    q = L.reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qs], axis=1)
+
+
+def _q5_K_chunk(x):
+    d, dmin, sc, L = _q45_K_chunk(x, 31, -0.5, 15)
+    q = L.reshape(-1, 4, 2, 32)                       # [group n/64][half][j]
+    hi = q >> 4                                       # bit 2*group + half of qh[j]
+    shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
+    qh = np.bitwise_or.reduce(hi << shifts[None, :, :, None], axis=(1, 2)).astype(np.uint8)
+    low = q & 0xF
+    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qh, qs], axis=1)
+
+
+def _q2_K_chunk(x):
+    nb = x.shape[0]
+    xt = _sub_blocks(x, 16)
+    wt = np.abs(xt)
+    scales, mins, L = _make_qkx2(xt, wt, 3, -0.5, 0.1, 15, True)
+    scales = scales.reshape(nb, 16)
+    mins = mins.reshape(nb, 16)
+    max_scale = _positive_max(scales)
+    max_min = _positive_max(mins)
+    q4scale = F32(15.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(max_scale[:, None] > 0, _nearest_int((q4scale / max_scale)[:, None] * scales), 0)
+        mq = np.where(max_min[:, None] > 0, _nearest_int((q4scale / max_min)[:, None] * mins), 0)
+    sc_bytes = ((sc & 0xFF) | ((mq << 4) & 0xFF)).astype(np.uint8)
+    d = _fp16_bits(np.where(max_scale > 0, max_scale / q4scale, F32(0.0)))
+    dmin = _fp16_bits(np.where(max_min > 0, max_min / q4scale, F32(0.0)))
+    d_sub = (_fp16_value(d)[:, None] * (sc_bytes & 0xF).astype(F32)).reshape(-1)
+    dm_sub = (_fp16_value(dmin)[:, None] * (sc_bytes >> 4).astype(F32)).reshape(-1)
+    Lq = _requantize_with_min(xt, L, d_sub, dm_sub, 3)
+    levels = Lq.T.reshape(nb, QK_K).astype(np.uint8)
+    return np.concatenate([sc_bytes, _pack_2bit(levels), d.view(np.uint8).reshape(-1, 2),
+                           dmin.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+# ------------------------------------------------------- make_qx_quants (Q6_K)
+
+def _make_qx_rmse1(xt, nmax):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per column: scale (M,), L float (n, M)."""
+    amax, vmax = _first_absmax(xt)
+    zero = amax < _GROUP_MAX_EPS
+    fnmax = F32(nmax)
+    w = xt * xt
+    wx = w * xt
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = -fnmax / vmax
+        l = _round_bounded(iscale * xt)
+        np.clip(l, -fnmax, fnmax - 1, out=l)
+        sumlx = _csum(wx * l)
+        suml2 = _csum((w * l) * l)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0)).astype(F32)
+        best = scale * sumlx
+        L = l + fnmax
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
+            l = _round_bounded(iscale * xt)
+            np.clip(l, -fnmax, fnmax - 1, out=l)
+            sumlx = _csum(wx * l)
+            suml2 = _csum((w * l) * l)
+            take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            if take.any():
+                l += fnmax
+                np.copyto(L, l, where=take)
+                new_scale = sumlx / suml2
+                np.copyto(scale, new_scale, where=take)
+                np.copyto(best, new_scale * sumlx, where=take)
+    if zero.any():
+        L[:, zero] = 0
+        scale = np.where(zero, F32(0.0), scale)
+    return scale, L
+
+
+def _q6_K_chunk(x):
+    nb = x.shape[0]
+    xt = _sub_blocks(x, 16)
+    scales, L = _make_qx_rmse1(xt, 32)
+    scales = scales.reshape(nb, 16)
+    max_abs, max_scale = _first_absmax_last(scales)
+    zero = max_abs < _GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(zero, F32(1.0), F32(-128.0) / max_scale).astype(F32)
+        d = _fp16_bits(F32(1.0) / iscale)
+        sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
+        d_sub = (_fp16_value(d)[:, None] * sc.astype(F32)).reshape(-1)
+        q = _nearest_int(xt / d_sub)
+    np.clip(q, -32, 31, out=q)
+    q = (q + 32).astype(F32)
+    keep = d_sub == 0
+    if keep.any():
+        q[:, keep] = L[:, keep]
+    levels = q.T.reshape(nb, QK_K).astype(np.uint8)
+    g = levels.reshape(nb, 2, 4, 32)                 # [half of 128][quarter][l]
+    low = g & 0xF
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+    hi = g >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.view(np.uint8),
+                          d.view(np.uint8).reshape(-1, 2)], axis=1)
+    if zero.any():
+        out[zero] = 0
+    return out
+
+
+# ------------------------------------------------------- make_q3_quants (Q3_K)
+
+def _make_q3_rmse(xt, nmax):
+    """make_q3_quants(n, nmax, x, L, do_rmse=true) per column: scale (M,), L float (n, M) in [0, 2nmax)."""
+    n = xt.shape[0]
+    amax, vmax = _first_absmax(xt)
+    zero = amax < _GROUP_MAX_EPS
+    fnmax = F32(nmax)
+    w = xt * xt
+    wx = w * xt
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = -fnmax / vmax
+        L = _round_bounded(iscale * xt)
+        np.clip(L, -fnmax, fnmax - 1, out=L)
+        sumlx = _csum(wx * L)
+        suml2 = _csum((w * L) * L)
+        for _ in range(5):
+            changed = False
+            for i in range(n):
+                Li, wi, wxi, xi = L[i], w[i], wx[i], xt[i]
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - (wi * Li) * Li
+                new_l = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(F32)
+                slx += wxi * new_l
+                sl2 += (wi * new_l) * new_l
+                take = (sumlx - wxi * Li > 0) & (new_l != Li) & (sl2 > 0) & \
+                       ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                if take.any():
+                    changed = True
+                    np.copyto(Li, new_l, where=take)
+                    np.copyto(sumlx, slx, where=take)
+                    np.copyto(suml2, sl2, where=take)
+            if not changed:  # an unchanged pass leaves the state as it was: the C would stop too
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0)).astype(F32)
+    L += fnmax
+    if zero.any():
+        L[:, zero] = 0
+        scale = np.where(zero, F32(0.0), scale)
+    return scale, L
+
+
+def _q3_K_chunk(x):
+    nb = x.shape[0]
+    xt = _sub_blocks(x, 16)
+    scales, L = _make_q3_rmse(xt, 4)
+    scales = scales.reshape(nb, 16)
+    max_scale = _first_absmax_last(scales)[1]
+    nonzero = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(nonzero, F32(-32.0) / max_scale, F32(1.0)).astype(F32)
+        l = _nearest_int(iscale[:, None] * scales).astype(np.int8).astype(np.int32)  # int8_t l = ...
+    l = np.where(nonzero[:, None], np.clip(l, -32, 31) + 32, 0).astype(np.uint8)
+    sc = np.zeros((nb, 12), np.uint8)
+    sc[:, 0:8] = (l[:, 0:8] & 0xF) | ((l[:, 8:16] & 0xF) << 4)
+    hi = (l >> 4).reshape(nb, 4, 4)                  # [j/4][j%4]
+    sc[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    d = np.where(nonzero, _fp16_bits(F32(1.0) / iscale), np.uint16(0)).astype(np.uint16)
+    sc_signed = l.astype(F32) - F32(32.0)
+    d_sub = (_fp16_value(d)[:, None] * sc_signed).reshape(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _nearest_int(xt / d_sub)
+    np.clip(q, -4, 3, out=q)
+    q = (q + 4).astype(F32)
+    keep = d_sub == 0
+    if keep.any():
+        q[:, keep] = L[:, keep]
+    levels = q.T.reshape(nb, QK_K).astype(np.uint8)
+    high = levels > 3
+    hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
+                                 axis=1).astype(np.uint8)
+    levels = np.where(high, levels - 4, levels).astype(np.uint8)
+    return np.concatenate([hmask, _pack_2bit(levels), sc, d.view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+# --------------------------------------------- legacy 32-blocks (fixes over gguf-py)
+
+def _signed_absmax(blocks):
+    """C's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from 0: first maximum, +0.0 when none."""
+    return _first_absmax(np.ascontiguousarray(blocks.T))[1]
+
+
+def _first_extremes(blocks):
+    """C's min/max scan from FLT_MAX/-FLT_MAX: the first of equal values wins (sign of zeros)."""
+    xt = np.ascontiguousarray(blocks.T)
+    lo = np.full(xt.shape[1], np.finfo(F32).max, F32)
+    hi = np.full(xt.shape[1], -np.finfo(F32).max, F32)
+    return _first_min_max(xt, lo, hi)
+
+
+def _qh_bits(q: np.ndarray) -> np.ndarray:
+    """Bit j of the little-endian uint32 qh is bit 4 of quant j (j < 16 first halves, then seconds)."""
+    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
+
+
+def _q4_0_chunk(b):
+    mx = _signed_absmax(b)
+    d = mx / F32(-8.0)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
+    q = np.minimum(15, np.trunc(b * idd[:, None] + F32(8.5)).astype(np.int32)).astype(np.uint8)
+    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), q[:, :16] | (q[:, 16:] << 4)], axis=1)
+
+
+def _q5_0_chunk(b):
+    mx = _signed_absmax(b)
+    d = mx / F32(-16.0)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
+    q = np.minimum(31, np.trunc(b * idd[:, None] + F32(16.5)).astype(np.int32)).astype(np.uint8)
+    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), _qh_bits(q),
+                           (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)], axis=1)
+
+
+def _q4_1_chunk(b):
+    lo, hi = _first_extremes(b)
+    d = (hi - lo) / F32(15.0)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
+    q = np.minimum(15, np.trunc((b - lo[:, None]) * idd[:, None] + F32(0.5)).astype(np.int32)).astype(np.uint8)
+    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), _fp16_bits(lo).view(np.uint8).reshape(-1, 2),
+                           q[:, :16] | (q[:, 16:] << 4)], axis=1)
+
+
+def _q5_1_chunk(b):
+    lo, hi = _first_extremes(b)
+    d = (hi - lo) / F32(31.0)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
+    q = np.trunc((b - lo[:, None]) * idd[:, None] + F32(0.5)).astype(np.int32).astype(np.uint8)  # (uint8_t), no MIN
+    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), _fp16_bits(lo).view(np.uint8).reshape(-1, 2),
+                           _qh_bits(q), (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)], axis=1)
+
+
+# ---------------------------------------------------------------- public
+
+def _encoder(name, chunk_fn):
+    block, nbytes = BLOCK_SIZE[name], BLOCK_BYTES[name]
+    chunk = _CHUNK_BLOCKS * (QK_K // block)
+
+    def encode(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        if rows.ndim == 1:
+            rows = rows.reshape(1, -1)
+        if rows.shape[-1] % block:
+            raise ValueError(f"{name}: row length {rows.shape[-1]} is not a multiple of {block}")
+        blocks = np.ascontiguousarray(rows, dtype=F32).reshape(-1, block)
+        out = np.empty((blocks.shape[0], nbytes), np.uint8)
+        with np.errstate(all="ignore"):  # inf/NaN inputs and overflowing scales follow the C silently
+            for start in range(0, blocks.shape[0], chunk):
+                out[start:start + chunk] = chunk_fn(blocks[start:start + chunk])
+        return out.reshape(-1)
+
+    encode.__name__ = f"encode_{name.lower()}"
+    encode.__doc__ = f"{name} bytes of float32 rows (nrows, n), n a multiple of {block}; as ggml's reference quantizer."
+    return encode
+
+
+ENCODERS = {
+    "Q2_K": _encoder("Q2_K", _q2_K_chunk),
+    "Q3_K": _encoder("Q3_K", _q3_K_chunk),
+    "Q4_K": _encoder("Q4_K", _q4_K_chunk),
+    "Q5_K": _encoder("Q5_K", _q5_K_chunk),
+    "Q6_K": _encoder("Q6_K", _q6_K_chunk),
+    # gguf.quants differs from ggml here in the sign of zeros: for a block whose first
+    # element is -0.0 and all are zero it writes d = +0.0 where ggml writes -0.0 (Q4_0,
+    # Q5_0), and numpy's min/max may pick the other signed zero than C's first-wins scan
+    # (Q4_1, Q5_1 store that min). Byte-for-byte these follow the C.
+    "Q4_0": _encoder("Q4_0", _q4_0_chunk),
+    "Q4_1": _encoder("Q4_1", _q4_1_chunk),
+    "Q5_0": _encoder("Q5_0", _q5_0_chunk),
+    "Q5_1": _encoder("Q5_1", _q5_1_chunk),
+}
+
+
+def encode(type_name: str, rows: np.ndarray) -> np.ndarray:
+    """ENCODERS[type_name](rows)."""
+    return ENCODERS[type_name](rows)
