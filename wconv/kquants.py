@@ -503,6 +503,22 @@ ENCODERS = {
 }
 
 
+def _q8_0(rows: np.ndarray) -> np.ndarray:
+    """Q8_0 bytes: gguf-py's quantizer, which matches quantize_row_q8_0_ref (tested), signed zeros included."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    rows = np.asarray(rows, dtype=F32)
+    with np.errstate(all="ignore"):
+        return quantize(rows.reshape(-1, rows.shape[-1]) if rows.ndim != 2 else rows,
+                        GGMLQuantizationType.Q8_0).reshape(-1)
+
+
+ENCODERS["Q8_0"] = _q8_0
+BLOCK_BYTES["Q8_0"] = 34
+BLOCK_SIZE["Q8_0"] = 32
+
+
 def encode(type_name: str, rows: np.ndarray) -> np.ndarray:
     """ENCODERS[type_name](rows)."""
     return ENCODERS[type_name](rows)
