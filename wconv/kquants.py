@@ -510,8 +510,7 @@ def _q8_0(rows: np.ndarray) -> np.ndarray:
 
     rows = np.asarray(rows, dtype=F32)
     with np.errstate(all="ignore"):
-        return quantize(rows.reshape(-1, rows.shape[-1]) if rows.ndim != 2 else rows,
-                        GGMLQuantizationType.Q8_0).reshape(-1)
+        return quantize(rows.reshape(-1, rows.shape[-1]), GGMLQuantizationType.Q8_0).reshape(-1)
 
 
 ENCODERS["Q8_0"] = _q8_0
