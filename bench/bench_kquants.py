@@ -1,0 +1,132 @@
+"""Benchmark: wconv's numpy k-quant encoders vs llama.cpp's llama_model_quantize.
+
+Writes a TinyLlama-shaped f32 GGUF (dim 2048, hidden 5632, 32 heads / 4 KV heads,
+vocab 32000, untied; 2 layers by default) with wconv, then in the same run, for each
+ftype (default Q4_K_M and Q6_K):
+
+  llama.cpp: llama_model_quantize (llama-cpp-python, default params, nthread 2)
+  wconv:     quant_mix.plan for the types, then every tensor encoded with
+             kquants.ENCODERS in pieces of rows on 2 threads (parallel.ordered_map)
+             and written to a file, tensor after tensor
+
+prints both wall times and the ratio wconv / llama.cpp, and checks that every tensor's
+bytes are equal. Not a GGUF writer benchmark: wconv's output here is the raw tensor
+data (what a GGUF writer streams), read from the f32 file through numpy's memmap.
+
+Usage:
+    .venv/bin/python bench/bench_kquants.py [--layers 2] [--ftypes q4_k_m,q6_k] [--workdir /tmp/wconv-kq-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import io
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+PIECE_ELEMENTS = 1 << 21  # rows per piece: about 2M values (8 MB of float32)
+
+
+def make_source(path: str, n_layers: int) -> None:
+    import modelgen
+    from wconv.formats import gguf_io
+
+    cfg = modelgen.llama_config(dim=2048, hidden_dim=5632, n_layers=n_layers, n_heads=32, n_kv_heads=4,
+                                vocab_size=32000, max_seq_len=2048)
+    model = modelgen.random_model(cfg, seed=0)
+    with contextlib.redirect_stderr(io.StringIO()):
+        gguf_io.write(model, path, quiet=True, dtype="f32")
+
+
+def llama_cpp_quantize(src: str, dst: str, ftype: str) -> float:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
+    params.nthread = 2
+    t0 = time.perf_counter()
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    assert rc == 0, rc
+    return time.perf_counter() - t0
+
+
+def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float, dict]:
+    import gguf
+
+    from wconv import kquants, quant_mix
+    from wconv.parallel import ordered_map
+
+    t0 = time.perf_counter()
+    reader = gguf.GGUFReader(src)
+    tensors = {t.name: t.data for t in reader.tensors}  # memmapped float32 (rows, cols)
+    plan = quant_mix.plan({n: a.shape for n, a in tensors.items()},
+                          quant_mix.HParams(n_layers, 32, 4), ftype)
+
+    def pieces():
+        for name in quant_mix.visiting_order(tensors):
+            arr, qtype = tensors[name], plan.types[name]
+            rows = max(1, PIECE_ELEMENTS // arr.shape[-1]) if arr.ndim > 1 else 1
+            for start in range(0, arr.shape[0] if arr.ndim > 1 else 1, rows):
+                yield name, qtype, (arr[start:start + rows] if arr.ndim > 1 else arr)
+
+    def encode(item):
+        name, qtype, piece = item
+        if qtype == "F32":
+            return name, np.ascontiguousarray(piece, np.float32).view(np.uint8).reshape(-1)
+        return name, kquants.ENCODERS[qtype](np.asarray(piece, np.float32))
+
+    offsets = {}
+    with open(dst, "wb") as f:
+        for name, data in ordered_map(encode, pieces(), workers=2):
+            offsets.setdefault(name, [f.tell(), 0])
+            offsets[name][1] += data.size
+            f.write(data.tobytes())
+    return time.perf_counter() - t0, offsets
+
+
+def same_bytes(ours_path: str, offsets: dict, theirs_path: str) -> bool:
+    import gguf
+
+    ours = np.memmap(ours_path, np.uint8, mode="r")
+    for t in gguf.GGUFReader(theirs_path).tensors:
+        start, size = offsets[t.name]
+        theirs = np.asarray(t.data).reshape(-1).view(np.uint8)
+        if size != theirs.size or not np.array_equal(ours[start:start + size], theirs):
+            print(f"  bytes differ: {t.name}")
+            return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--ftypes", default="q4_k_m,q6_k")
+    ap.add_argument("--workdir", default="/tmp/wconv-kq-bench")
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    src = os.path.join(args.workdir, f"tinyllama-{args.layers}l-f32.gguf")
+    if not os.path.exists(src):
+        t0 = time.perf_counter()
+        make_source(src, args.layers)
+        print(f"source: {src} ({os.path.getsize(src) / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s)")
+    for ftype in args.ftypes.split(","):
+        theirs = os.path.join(args.workdir, f"llama-{ftype}.gguf")
+        ours = os.path.join(args.workdir, f"wconv-{ftype}.bin")
+        t_llama = llama_cpp_quantize(src, theirs, ftype)
+        t_ours, offsets = wconv_quantize(src, ours, ftype, args.layers)
+        ok = same_bytes(ours, offsets, theirs)
+        print(f"{ftype.upper():7s} llama.cpp {t_llama:6.1f} s   wconv {t_ours:6.1f} s   ratio {t_ours / t_llama:4.2f}"
+              f"   bytes {'identical' if ok else 'DIFFER'}")
+
+
+if __name__ == "__main__":
+    main()
