@@ -116,9 +116,22 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------- make_qkx2_quants (Q2_K, Q4_K, Q5_K)
 
+def _levels(xt, mn, iscale, nmax, out):
+    """clamp(nearest_int(iscale * (x - min)), 0, nmax) into `out` (float32, +0.0 for zero)."""
+    np.subtract(xt, mn, out=out)
+    out *= iscale
+    out += _MAGIC
+    out -= _MAGIC
+    np.clip(out, F32(0.0), F32(nmax), out=out)  # one pass; np.maximum + np.minimum are slower here
+    return out
+
+
 def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
-    """Scale, -min and levels of each sub-block (column of xt); levels as float32 (n, M)."""
-    n, M = xt.shape
+    """Scale, -min and levels of each sub-block (column of xt); levels as float32 (n, M).
+
+    Instead of copying the levels of every improving step, the (iscale, min) that
+    produced them are kept per sub-block and the winning levels recomputed once.
+    """
     mn = xt[0].copy()
     mx = xt[0].copy()
     _first_min_max(xt[1:], mn, mx)
@@ -127,23 +140,27 @@ def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
     mn = np.where(mn > 0, F32(0.0), mn)
     flat = mx == mn
     fnmax = F32(nmax)
+    laux = np.empty_like(xt)
+    wl = np.empty_like(xt)
+    tmp = np.empty_like(xt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        rng = mx - mn
-        iscale = fnmax / rng
+        iscale = fnmax / (mx - mn)
         scale = F32(1.0) / iscale
-        L = _round_bounded(iscale * (xt - mn))
-        np.clip(L, 0, fnmax, out=L)
-        diff = scale * L + mn - xt
-        diff = np.abs(diff) if use_mad else diff * diff
-        best = _csum(wt * diff)
+        best_iscale, best_mn = iscale, mn.copy()  # what produced the current best levels
+        _levels(xt, mn, iscale, nmax, laux)
+        np.multiply(laux, scale, out=tmp)
+        tmp += mn
+        tmp -= xt
+        np.abs(tmp, out=tmp) if use_mad else np.multiply(tmp, tmp, out=tmp)
+        tmp *= wt
+        best = _csum(tmp)
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (mx - mn)
-            Laux = _round_bounded(iscale * (xt - mn))
-            np.clip(Laux, 0, fnmax, out=Laux)
-            wl = wt * Laux
+            _levels(xt, mn, iscale, nmax, laux)
+            np.multiply(wt, laux, out=wl)
             sum_l = _csum(wl)
-            sum_l2 = _csum(wl * Laux)
-            sum_xl = _csum(wl * xt)
+            sum_l2 = _csum(np.multiply(wl, laux, out=tmp))
+            sum_xl = _csum(np.multiply(wl, xt, out=tmp))
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -151,15 +168,20 @@ def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
             if pos.any():
                 this_min = np.where(pos, F32(0.0), this_min)
                 this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = this_scale * Laux + this_min - xt
-            diff = np.abs(diff, out=diff) if use_mad else np.multiply(diff, diff, out=diff)
-            cur = _csum(wt * diff)
+            np.multiply(laux, this_scale, out=tmp)
+            tmp += this_min
+            tmp -= xt
+            np.abs(tmp, out=tmp) if use_mad else np.multiply(tmp, tmp, out=tmp)
+            tmp *= wt
+            cur = _csum(tmp)
             better = (D > 0) & (cur < best)
             if better.any():
-                np.copyto(L, Laux, where=better)
+                np.copyto(best_iscale, iscale, where=better)
+                np.copyto(best_mn, mn, where=better)
                 np.copyto(best, cur, where=better)
                 np.copyto(scale, this_scale, where=better)
                 np.copyto(mn, this_min, where=better)
+        L = _levels(xt, best_mn, best_iscale, nmax, laux)
     if flat.any():
         L[:, flat] = 0
         scale = np.where(flat, F32(0.0), scale)
@@ -177,16 +199,22 @@ def _scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _final_levels(q: np.ndarray, lo: int, hi: int, offset: int, keep: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """clamp(q, lo, hi) + offset where the sub-block's d != 0, else the search's levels L;
+    (n, M) ints in, (M, n) uint8 out (sub-blocks back in element order)."""
+    qf = q.astype(F32)  # exact: nearest_int results are within +-2^22
+    np.clip(qf, F32(lo), F32(hi), out=qf)
+    if offset:
+        qf += F32(offset)
+    np.copyto(qf, L, where=keep)
+    return np.ascontiguousarray(qf.astype(np.uint8).T)
+
+
 def _requantize_with_min(xt, L, d_sub, dm_sub, nmax):
     """Final pass of Q2_K/Q4_K/Q5_K: l = nearest_int((x + dm)/d) where d != 0, else keep L."""
-    keep = d_sub == 0
     with np.errstate(divide="ignore", invalid="ignore"):
         q = _nearest_int((xt + dm_sub) / d_sub)
-    np.clip(q, 0, nmax, out=q)
-    q = q.astype(F32)
-    if keep.any():
-        q[:, keep] = L[:, keep]
-    return q
+    return _final_levels(q, 0, nmax, 0, d_sub == 0, L)
 
 
 def _q45_K_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
@@ -211,8 +239,7 @@ def _q45_K_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     dmin = _fp16_bits(max_min / F32(63.0))
     d_sub = (_fp16_value(d)[:, None] * ls.astype(F32)).reshape(-1)
     dm_sub = (_fp16_value(dmin)[:, None] * lm.astype(F32)).reshape(-1)
-    Lq = _requantize_with_min(xt, L, d_sub, dm_sub, nmax)
-    levels = Lq.T.reshape(nb, QK_K).astype(np.uint8)
+    levels = _requantize_with_min(xt, L, d_sub, dm_sub, nmax).reshape(nb, QK_K)
     return d, dmin, _scale_min_k4(ls, lm), levels
 
 
@@ -252,45 +279,56 @@ def _q2_K_chunk(x):
     dmin = _fp16_bits(np.where(max_min > 0, max_min / q4scale, F32(0.0)))
     d_sub = (_fp16_value(d)[:, None] * (sc_bytes & 0xF).astype(F32)).reshape(-1)
     dm_sub = (_fp16_value(dmin)[:, None] * (sc_bytes >> 4).astype(F32)).reshape(-1)
-    Lq = _requantize_with_min(xt, L, d_sub, dm_sub, 3)
-    levels = Lq.T.reshape(nb, QK_K).astype(np.uint8)
+    levels = _requantize_with_min(xt, L, d_sub, dm_sub, 3).reshape(nb, QK_K)
     return np.concatenate([sc_bytes, _pack_2bit(levels), d.view(np.uint8).reshape(-1, 2),
                            dmin.view(np.uint8).reshape(-1, 2)], axis=1)
 
 
 # ------------------------------------------------------- make_qx_quants (Q6_K)
 
+def _signed_levels(xt, iscale, nmax, out):
+    """clamp(nearest_int(iscale * x), -nmax, nmax - 1) into `out` as float32."""
+    np.multiply(xt, iscale, out=out)
+    out += _MAGIC
+    out -= _MAGIC
+    np.clip(out, F32(-nmax), F32(nmax - 1), out=out)
+    return out
+
+
 def _make_qx_rmse1(xt, nmax):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per column: scale (M,), L float (n, M)."""
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per column: scale (M,), L float (n, M).
+
+    The iscale of the best step is kept per sub-block; its levels are recomputed once.
+    """
     amax, vmax = _first_absmax(xt)
     zero = amax < _GROUP_MAX_EPS
     fnmax = F32(nmax)
     w = xt * xt
     wx = w * xt
+    l = np.empty_like(xt)
+    tmp = np.empty_like(xt)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = -fnmax / vmax
-        l = _round_bounded(iscale * xt)
-        np.clip(l, -fnmax, fnmax - 1, out=l)
-        sumlx = _csum(wx * l)
-        suml2 = _csum((w * l) * l)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0)).astype(F32)
-        best = scale * sumlx
-        L = l + fnmax
-        for step in range(-9, 10):
-            if step == 0:
+        best_iscale = iscale.copy()
+        for step in [0] + [s for s in range(-9, 10) if s != 0]:
+            if step:
+                iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
+            _signed_levels(xt, iscale, nmax, l)
+            sumlx = _csum(np.multiply(wx, l, out=tmp))
+            np.multiply(w, l, out=tmp)
+            suml2 = _csum(np.multiply(tmp, l, out=tmp))
+            if not step:
+                scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0)).astype(F32)
+                best = scale * sumlx
                 continue
-            iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-            l = _round_bounded(iscale * xt)
-            np.clip(l, -fnmax, fnmax - 1, out=l)
-            sumlx = _csum(wx * l)
-            suml2 = _csum((w * l) * l)
             take = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             if take.any():
-                l += fnmax
-                np.copyto(L, l, where=take)
                 new_scale = sumlx / suml2
+                np.copyto(best_iscale, iscale, where=take)
                 np.copyto(scale, new_scale, where=take)
                 np.copyto(best, new_scale * sumlx, where=take)
+        L = _signed_levels(xt, best_iscale, nmax, l)
+    L += fnmax
     if zero.any():
         L[:, zero] = 0
         scale = np.where(zero, F32(0.0), scale)
@@ -310,12 +348,7 @@ def _q6_K_chunk(x):
         sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)
         d_sub = (_fp16_value(d)[:, None] * sc.astype(F32)).reshape(-1)
         q = _nearest_int(xt / d_sub)
-    np.clip(q, -32, 31, out=q)
-    q = (q + 32).astype(F32)
-    keep = d_sub == 0
-    if keep.any():
-        q[:, keep] = L[:, keep]
-    levels = q.T.reshape(nb, QK_K).astype(np.uint8)
+    levels = _final_levels(q, -32, 31, 32, d_sub == 0, L).reshape(nb, QK_K)
     g = levels.reshape(nb, 2, 4, 32)                 # [half of 128][quarter][l]
     low = g & 0xF
     ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
@@ -390,12 +423,7 @@ def _q3_K_chunk(x):
     d_sub = (_fp16_value(d)[:, None] * sc_signed).reshape(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = _nearest_int(xt / d_sub)
-    np.clip(q, -4, 3, out=q)
-    q = (q + 4).astype(F32)
-    keep = d_sub == 0
-    if keep.any():
-        q[:, keep] = L[:, keep]
-    levels = q.T.reshape(nb, QK_K).astype(np.uint8)
+    levels = _final_levels(q, -4, 3, 4, d_sub == 0, L).reshape(nb, QK_K)
     high = levels > 3
     hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
                                  axis=1).astype(np.uint8)
