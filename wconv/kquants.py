@@ -377,24 +377,37 @@ def _make_q3_rmse(xt, nmax):
         np.clip(L, -fnmax, fnmax - 1, out=L)
         sumlx = _csum(wx * L)
         suml2 = _csum((w * L) * L)
+        # A sub-block that did not change in a pass would not change in the next (its
+        # state is the same; the C breaks there), so each pass only works on the
+        # sub-blocks the previous pass changed: about 1.3 passes of work instead of 5.
+        active = None
+        cur = (L, w, wx, xt, sumlx, suml2)
         for _ in range(5):
-            changed = False
+            Lc, wc, wxc, xc, slc, s2c = cur
+            changed = np.zeros(Lc.shape[1], bool)
             for i in range(n):
-                Li, wi, wxi, xi = L[i], w[i], wx[i], xt[i]
-                slx = sumlx - wxi * Li
-                sl2 = suml2 - (wi * Li) * Li
+                Li, wi, wxi, xi = Lc[i], wc[i], wxc[i], xc[i]
+                slx = slc - wxi * Li
+                sl2 = s2c - (wi * Li) * Li
                 new_l = np.clip(_nearest_int(xi * sl2 / slx), -nmax, nmax - 1).astype(F32)
-                slx += wxi * new_l
-                sl2 += (wi * new_l) * new_l
-                take = (sumlx - wxi * Li > 0) & (new_l != Li) & (sl2 > 0) & \
-                       ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                slx_new = slx + wxi * new_l
+                sl2_new = sl2 + (wi * new_l) * new_l
+                take = (slx > 0) & (new_l != Li) & (sl2_new > 0) & \
+                       ((slx_new * slx_new) * s2c > (slc * slc) * sl2_new)
                 if take.any():
-                    changed = True
+                    changed |= take
                     np.copyto(Li, new_l, where=take)
-                    np.copyto(sumlx, slx, where=take)
-                    np.copyto(suml2, sl2, where=take)
-            if not changed:  # an unchanged pass leaves the state as it was: the C would stop too
+                    np.copyto(slc, slx_new, where=take)
+                    np.copyto(s2c, sl2_new, where=take)
+            if active is not None:  # the working copies go back into place
+                L[:, active] = Lc
+                sumlx[active] = slc
+                suml2[active] = s2c
+            if not changed.any():
                 break
+            sel = np.nonzero(changed)[0]
+            active = sel if active is None else active[sel]
+            cur = tuple(a[:, sel] if a.ndim == 2 else a[sel] for a in cur)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0)).astype(F32)
     L += fnmax
     if zero.any():
@@ -492,9 +505,8 @@ def _q5_1_chunk(b):
 
 # ---------------------------------------------------------------- public
 
-def _encoder(name, chunk_fn):
+def _encoder(name, chunk_fn, chunk_scale=1):
     block, nbytes = BLOCK_SIZE[name], BLOCK_BYTES[name]
-    chunk = _CHUNK_BLOCKS * (QK_K // block)
 
     def encode(rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)
@@ -503,6 +515,7 @@ def _encoder(name, chunk_fn):
         if rows.shape[-1] % block:
             raise ValueError(f"{name}: row length {rows.shape[-1]} is not a multiple of {block}")
         blocks = np.ascontiguousarray(rows, dtype=F32).reshape(-1, block)
+        chunk = _CHUNK_BLOCKS * chunk_scale * (QK_K // block)
         out = np.empty((blocks.shape[0], nbytes), np.uint8)
         with np.errstate(all="ignore"):  # inf/NaN inputs and overflowing scales follow the C silently
             for start in range(0, blocks.shape[0], chunk):
@@ -516,7 +529,7 @@ def _encoder(name, chunk_fn):
 
 ENCODERS = {
     "Q2_K": _encoder("Q2_K", _q2_K_chunk),
-    "Q3_K": _encoder("Q3_K", _q3_K_chunk),
+    "Q3_K": _encoder("Q3_K", _q3_K_chunk, 4),  # its descent loop is per element: longer rows pay off
     "Q4_K": _encoder("Q4_K", _q4_K_chunk),
     "Q5_K": _encoder("Q5_K", _q5_K_chunk),
     "Q6_K": _encoder("Q6_K", _q6_K_chunk),
