@@ -9,7 +9,8 @@ ftype (default Q4_K_M and Q6_K):
              kquants.ENCODERS in pieces of rows on 2 threads (parallel.ordered_map)
              and written to a file, tensor after tensor
 
-prints both wall times and the ratio wconv / llama.cpp, and checks that every tensor's
+prints wall and CPU times (both sides use 2 threads; CPU time is the fairer figure on
+a shared machine) with ratios wconv / llama.cpp, and checks that every tensor's
 bytes are equal. Not a GGUF writer benchmark: wconv's output here is the raw tensor
 data (what a GGUF writer streams), read from the f32 file through numpy's memmap.
 
@@ -46,26 +47,41 @@ def make_source(path: str, n_layers: int) -> None:
         gguf_io.write(model, path, quiet=True, dtype="f32")
 
 
-def llama_cpp_quantize(src: str, dst: str, ftype: str) -> float:
+@contextlib.contextmanager
+def quiet_fd2():
+    """llama.cpp logs every tensor to the C stderr: send file descriptor 2 to /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(null)
+        os.close(saved)
+
+
+def llama_cpp_quantize(src: str, dst: str, ftype: str) -> tuple[float, float]:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")
     params.nthread = 2
-    t0 = time.perf_counter()
-    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+    t0, c0 = time.perf_counter(), time.process_time()
+    with quiet_fd2():
         rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     assert rc == 0, rc
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float, dict]:
+def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float, float, dict]:
     import gguf
 
     from wconv import kquants, quant_mix
     from wconv.parallel import ordered_map
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     reader = gguf.GGUFReader(src)
     tensors = {t.name: t.data for t in reader.tensors}  # memmapped float32 (rows, cols)
     plan = quant_mix.plan({n: a.shape for n, a in tensors.items()},
@@ -89,8 +105,8 @@ def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float
         for name, data in ordered_map(encode, pieces(), workers=2):
             offsets.setdefault(name, [f.tell(), 0])
             offsets[name][1] += data.size
-            f.write(data.tobytes())
-    return time.perf_counter() - t0, offsets
+            f.write(memoryview(data))
+    return time.perf_counter() - t0, time.process_time() - c0, offsets
 
 
 def same_bytes(ours_path: str, offsets: dict, theirs_path: str) -> bool:
@@ -121,10 +137,11 @@ def main() -> None:
     for ftype in args.ftypes.split(","):
         theirs = os.path.join(args.workdir, f"llama-{ftype}.gguf")
         ours = os.path.join(args.workdir, f"wconv-{ftype}.bin")
-        t_llama = llama_cpp_quantize(src, theirs, ftype)
-        t_ours, offsets = wconv_quantize(src, ours, ftype, args.layers)
+        t_llama, c_llama = llama_cpp_quantize(src, theirs, ftype)
+        t_ours, c_ours, offsets = wconv_quantize(src, ours, ftype, args.layers)
         ok = same_bytes(ours, offsets, theirs)
-        print(f"{ftype.upper():7s} llama.cpp {t_llama:6.1f} s   wconv {t_ours:6.1f} s   ratio {t_ours / t_llama:4.2f}"
+        print(f"{ftype.upper():7s} wall: llama.cpp {t_llama:6.1f} s, wconv {t_ours:6.1f} s, ratio {t_ours / t_llama:4.2f}"
+              f"   cpu: llama.cpp {c_llama:6.1f} s, wconv {c_ours:6.1f} s, ratio {c_ours / c_llama:4.2f}"
               f"   bytes {'identical' if ok else 'DIFFER'}")
 
 
