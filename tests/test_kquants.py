@@ -67,7 +67,19 @@ def _cases():
         "huge_1e20": 1e20 * rng.standard_normal((4, n)),     # x*x overflows: inf/NaN paths
         "huge_6e4": 6e4 * rng.standard_normal((4, n)),       # FP16 scale overflow
         "mixed_scale": rng.standard_normal((8, n)) * np.exp(3 * rng.standard_normal((8, n))),
+        "non_finite": _non_finite(rng, n),  # llama.cpp refuses such tensors; ggml_quantize_chunk does not
     }
+
+
+def _non_finite(rng, n):
+    x = rng.standard_normal((6, n))
+    x[0, 5] = np.inf
+    x[1, 9] = -np.inf
+    x[2, 3] = np.nan
+    x[3] = np.inf
+    x[4] = 3e38
+    x[5, ::2] = -3e38
+    return x
 
 
 CASES = _cases()

@@ -2,8 +2,8 @@
 
 Follows ggml/src/ggml-quants.c of the llama.cpp that llama-cpp-python 0.3.36 builds:
 quantize_row_q{2,3,4,5,6}_K_ref (what llama-quantize runs when no importance matrix
-is given) and quantize_row_q{4_0,4_1,5_0,5_1}_ref. Own code, written from the C for
-the facts that decide the bytes:
+is given) and quantize_row_q{4_0,4_1,5_0,5_1,8_0}_ref. Own code, written from the C
+for the facts that decide the bytes:
 
 - every value is float32 and every expression is evaluated in the C order;
 - C sums run sequentially from 0. Arrays here are laid out (elements, sub-blocks), so
@@ -12,11 +12,13 @@ the facts that decide the bytes:
   never the one summed here (tests/test_kquants.py checks this property of numpy).
   Adding 0.0 afterwards turns a -0.0 result into the +0.0 that `0.0f + ...` gives;
 - nearest_int adds 1.5*2^23 and reads the low mantissa bits: round-half-to-even.
-  Where the argument is bounded by the quant range we use the float form
-  (f + K) - K, equal to it for |f| < 2^22 and never -0.0; elsewhere the bit form;
+  Where the argument is bounded by the quant range the search loops use the float
+  form (f + K) - K, equal to it for |f| < 2^22 and never -0.0; chunks holding inf or
+  NaN, and all unbounded arguments, use the bit form;
 - GGML_FP32_TO_FP16 rounds to nearest even, as numpy's float16 cast does;
-- C's strict `>` / `<` running maxima keep the first element of a tie (this decides
-  the sign of a scale and the sign of zeros), so those scans are explicit.
+- C's strict `>` / `<` running maxima keep the first element of a tie and never take
+  a NaN (this decides the sign of a scale and the sign of zeros), so those scans are
+  explicit rather than np.max / np.argmax.
 
 Search loops (make_qkx2_quants, make_qx_quants, make_q3_quants) run over their
 iterations and elements in Python, each step vectorised over all sub-blocks of a
@@ -35,18 +37,25 @@ _GROUP_MAX_EPS = F32(1e-15)
 _CHUNK_BLOCKS = 512  # super-blocks per chunk: a few hundred KB per working array
 
 BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
-               "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+               "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
 BLOCK_SIZE = {"Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K,
-              "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32}
+              "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32}
 
 
 # ---------------------------------------------------------------- helpers
 
-def _round_bounded(f: np.ndarray) -> np.ndarray:
-    """nearest_int(f) as float32, for |f| < 2^22 (new array; +0.0 for zero results)."""
-    r = f + _MAGIC
-    r -= _MAGIC
-    return r
+def _round_into(out: np.ndarray, exact: bool) -> np.ndarray:
+    """nearest_int of float32 `out`, in place, as float32 (+0.0 for zero results).
+
+    The fast form (f + K) - K equals the C for |f| < 2^22, which bounded arguments
+    always are; `exact` (used for chunks holding inf/NaN) reads the bits as the C does.
+    """
+    if not exact:
+        out += _MAGIC
+        out -= _MAGIC
+        return out
+    out[...] = _nearest_int(out)
+    return out
 
 
 def _nearest_int(f) -> np.ndarray:
@@ -116,17 +125,16 @@ def _pack_2bit(L: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------- make_qkx2_quants (Q2_K, Q4_K, Q5_K)
 
-def _levels(xt, mn, iscale, nmax, out):
+def _levels(xt, mn, iscale, nmax, out, exact):
     """clamp(nearest_int(iscale * (x - min)), 0, nmax) into `out` (float32, +0.0 for zero)."""
     np.subtract(xt, mn, out=out)
     out *= iscale
-    out += _MAGIC
-    out -= _MAGIC
+    _round_into(out, exact)
     np.clip(out, F32(0.0), F32(nmax), out=out)  # one pass; np.maximum + np.minimum are slower here
     return out
 
 
-def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
+def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad, exact):
     """Scale, -min and levels of each sub-block (column of xt); levels as float32 (n, M).
 
     Instead of copying the levels of every improving step, the (iscale, min) that
@@ -147,7 +155,7 @@ def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
         iscale = fnmax / (mx - mn)
         scale = F32(1.0) / iscale
         best_iscale, best_mn = iscale, mn.copy()  # what produced the current best levels
-        _levels(xt, mn, iscale, nmax, laux)
+        _levels(xt, mn, iscale, nmax, laux, exact)
         np.multiply(laux, scale, out=tmp)
         tmp += mn
         tmp -= xt
@@ -156,7 +164,7 @@ def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
         best = _csum(tmp)
         for step in range(nstep + 1):
             iscale = (F32(rmin) + F32(rdelta) * F32(step) + fnmax) / (mx - mn)
-            _levels(xt, mn, iscale, nmax, laux)
+            _levels(xt, mn, iscale, nmax, laux, exact)
             np.multiply(wt, laux, out=wl)
             sum_l = _csum(wl)
             sum_l2 = _csum(np.multiply(wl, laux, out=tmp))
@@ -181,7 +189,7 @@ def _make_qkx2(xt, wt, nmax, rmin, rdelta, nstep, use_mad):
                 np.copyto(best, cur, where=better)
                 np.copyto(scale, this_scale, where=better)
                 np.copyto(mn, this_min, where=better)
-        L = _levels(xt, best_mn, best_iscale, nmax, laux)
+        L = _levels(xt, best_mn, best_iscale, nmax, laux, exact)
     if flat.any():
         L[:, flat] = 0
         scale = np.where(flat, F32(0.0), scale)
@@ -217,14 +225,14 @@ def _requantize_with_min(xt, L, d_sub, dm_sub, nmax):
     return _final_levels(q, 0, nmax, 0, d_sub == 0, L)
 
 
-def _q45_K_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+def _q45_K_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int, exact: bool):
     """Shared part of Q4_K and Q5_K for x (nb, 256): d, dmin, 12 scale bytes, levels (nb, 256)."""
     nb = x.shape[0]
     xt = _sub_blocks(x, 32)
     sum_x2 = _csum(xt * xt)
     av_x = np.sqrt(sum_x2 / F32(32))
     wt = av_x + np.abs(xt)
-    scales, mins, L = _make_qkx2(xt, wt, nmax, rmin, 0.1, nstep, False)
+    scales, mins, L = _make_qkx2(xt, wt, nmax, rmin, 0.1, nstep, False, exact)
     scales = scales.reshape(nb, 8)
     mins = mins.reshape(nb, 8)
     max_scale = _positive_max(scales)
@@ -243,15 +251,15 @@ def _q45_K_chunk(x: np.ndarray, nmax: int, rmin: float, nstep: int):
     return d, dmin, _scale_min_k4(ls, lm), levels
 
 
-def _q4_K_chunk(x):
-    d, dmin, sc, L = _q45_K_chunk(x, 15, -1.0, 20)
+def _q4_K_chunk(x, exact=False):
+    d, dmin, sc, L = _q45_K_chunk(x, 15, -1.0, 20, exact)
     q = L.reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
     return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qs], axis=1)
 
 
-def _q5_K_chunk(x):
-    d, dmin, sc, L = _q45_K_chunk(x, 31, -0.5, 15)
+def _q5_K_chunk(x, exact=False):
+    d, dmin, sc, L = _q45_K_chunk(x, 31, -0.5, 15, exact)
     q = L.reshape(-1, 4, 2, 32)                       # [group n/64][half][j]
     hi = q >> 4                                       # bit 2*group + half of qh[j]
     shifts = (2 * np.arange(4)[:, None] + np.arange(2)[None, :]).astype(np.uint8)
@@ -261,11 +269,11 @@ def _q5_K_chunk(x):
     return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), sc, qh, qs], axis=1)
 
 
-def _q2_K_chunk(x):
+def _q2_K_chunk(x, exact=False):
     nb = x.shape[0]
     xt = _sub_blocks(x, 16)
     wt = np.abs(xt)
-    scales, mins, L = _make_qkx2(xt, wt, 3, -0.5, 0.1, 15, True)
+    scales, mins, L = _make_qkx2(xt, wt, 3, -0.5, 0.1, 15, True, exact)
     scales = scales.reshape(nb, 16)
     mins = mins.reshape(nb, 16)
     max_scale = _positive_max(scales)
@@ -286,16 +294,15 @@ def _q2_K_chunk(x):
 
 # ------------------------------------------------------- make_qx_quants (Q6_K)
 
-def _signed_levels(xt, iscale, nmax, out):
+def _signed_levels(xt, iscale, nmax, out, exact):
     """clamp(nearest_int(iscale * x), -nmax, nmax - 1) into `out` as float32."""
     np.multiply(xt, iscale, out=out)
-    out += _MAGIC
-    out -= _MAGIC
+    _round_into(out, exact)
     np.clip(out, F32(-nmax), F32(nmax - 1), out=out)
     return out
 
 
-def _make_qx_rmse1(xt, nmax):
+def _make_qx_rmse1(xt, nmax, exact):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per column: scale (M,), L float (n, M).
 
     The iscale of the best step is kept per sub-block; its levels are recomputed once.
@@ -313,7 +320,7 @@ def _make_qx_rmse1(xt, nmax):
         for step in [0] + [s for s in range(-9, 10) if s != 0]:
             if step:
                 iscale = -(fnmax + F32(0.1) * F32(step)) / vmax
-            _signed_levels(xt, iscale, nmax, l)
+            _signed_levels(xt, iscale, nmax, l, exact)
             sumlx = _csum(np.multiply(wx, l, out=tmp))
             np.multiply(w, l, out=tmp)
             suml2 = _csum(np.multiply(tmp, l, out=tmp))
@@ -327,7 +334,7 @@ def _make_qx_rmse1(xt, nmax):
                 np.copyto(best_iscale, iscale, where=take)
                 np.copyto(scale, new_scale, where=take)
                 np.copyto(best, new_scale * sumlx, where=take)
-        L = _signed_levels(xt, best_iscale, nmax, l)
+        L = _signed_levels(xt, best_iscale, nmax, l, exact)
     L += fnmax
     if zero.any():
         L[:, zero] = 0
@@ -335,10 +342,10 @@ def _make_qx_rmse1(xt, nmax):
     return scale, L
 
 
-def _q6_K_chunk(x):
+def _q6_K_chunk(x, exact=False):
     nb = x.shape[0]
     xt = _sub_blocks(x, 16)
-    scales, L = _make_qx_rmse1(xt, 32)
+    scales, L = _make_qx_rmse1(xt, 32, exact)
     scales = scales.reshape(nb, 16)
     max_abs, max_scale = _first_absmax_last(scales)
     zero = max_abs < _GROUP_MAX_EPS
@@ -363,7 +370,7 @@ def _q6_K_chunk(x):
 
 # ------------------------------------------------------- make_q3_quants (Q3_K)
 
-def _make_q3_rmse(xt, nmax):
+def _make_q3_rmse(xt, nmax, exact):
     """make_q3_quants(n, nmax, x, L, do_rmse=true) per column: scale (M,), L float (n, M) in [0, 2nmax)."""
     n = xt.shape[0]
     amax, vmax = _first_absmax(xt)
@@ -373,7 +380,7 @@ def _make_q3_rmse(xt, nmax):
     wx = w * xt
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = -fnmax / vmax
-        L = _round_bounded(iscale * xt)
+        L = _round_into(iscale * xt, exact)
         np.clip(L, -fnmax, fnmax - 1, out=L)
         sumlx = _csum(wx * L)
         suml2 = _csum((w * L) * L)
@@ -416,10 +423,10 @@ def _make_q3_rmse(xt, nmax):
     return scale, L
 
 
-def _q3_K_chunk(x):
+def _q3_K_chunk(x, exact=False):
     nb = x.shape[0]
     xt = _sub_blocks(x, 16)
-    scales, L = _make_q3_rmse(xt, 4)
+    scales, L = _make_q3_rmse(xt, 4, exact)
     scales = scales.reshape(nb, 16)
     max_scale = _first_absmax_last(scales)[1]
     nonzero = max_scale != 0
@@ -503,6 +510,24 @@ def _q5_1_chunk(b):
                            _qh_bits(q), (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)], axis=1)
 
 
+def _q8_0_chunk(b):
+    """quantize_row_q8_0_ref. gguf-py's Q8_0 gives the same bytes for finite input; this
+    one also follows the C for NaN (MAX(amax, NaN) keeps scanning; (int8_t)NaN is 0)."""
+    xt = np.ascontiguousarray(b.T)
+    amax = np.zeros(xt.shape[1], F32)
+    for i in range(xt.shape[0]):
+        ax = np.abs(xt[i])
+        amax = np.where(amax > ax, amax, ax)         # MAX(a, b) = a > b ? a : b
+    d = amax / F32(127.0)
+    idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
+    v = b * idd[:, None]
+    a = np.abs(v)
+    fl = np.floor(a)
+    r = np.copysign(fl + np.floor(F32(2.0) * (a - fl)), v)   # roundf: halves away from zero, exactly
+    q = np.where(np.isnan(r), F32(0.0), r).astype(np.int8)
+    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), q.view(np.uint8)], axis=1)
+
+
 # ---------------------------------------------------------------- public
 
 def _encoder(name, chunk_fn, chunk_scale=1):
@@ -519,7 +544,11 @@ def _encoder(name, chunk_fn, chunk_scale=1):
         out = np.empty((blocks.shape[0], nbytes), np.uint8)
         with np.errstate(all="ignore"):  # inf/NaN inputs and overflowing scales follow the C silently
             for start in range(0, blocks.shape[0], chunk):
-                out[start:start + chunk] = chunk_fn(blocks[start:start + chunk])
+                part = blocks[start:start + chunk]
+                if block == QK_K:
+                    out[start:start + chunk] = chunk_fn(part, exact=not np.isfinite(part).all())
+                else:
+                    out[start:start + chunk] = chunk_fn(part)
         return out.reshape(-1)
 
     encode.__name__ = f"encode_{name.lower()}"
@@ -533,30 +562,19 @@ ENCODERS = {
     "Q4_K": _encoder("Q4_K", _q4_K_chunk),
     "Q5_K": _encoder("Q5_K", _q5_K_chunk),
     "Q6_K": _encoder("Q6_K", _q6_K_chunk),
-    # gguf.quants differs from ggml here in the sign of zeros: for a block whose first
-    # element is -0.0 and all are zero it writes d = +0.0 where ggml writes -0.0 (Q4_0,
-    # Q5_0), and numpy's min/max may pick the other signed zero than C's first-wins scan
-    # (Q4_1, Q5_1 store that min). Byte-for-byte these follow the C.
+    # gguf.quants differs from ggml here in the sign of zeros: for an all-zero block whose
+    # first element is -0.0 it writes d = +0.0 where ggml writes -0.0 (Q4_0, Q5_0), and
+    # numpy's min/max may pick the other signed zero than C's first-wins scan (Q4_1, Q5_1
+    # store that min). For Q8_0 it only differs on NaN. Byte-for-byte these follow the C.
     "Q4_0": _encoder("Q4_0", _q4_0_chunk),
     "Q4_1": _encoder("Q4_1", _q4_1_chunk),
     "Q5_0": _encoder("Q5_0", _q5_0_chunk),
     "Q5_1": _encoder("Q5_1", _q5_1_chunk),
+    "Q8_0": _encoder("Q8_0", _q8_0_chunk),
 }
 
 
-def _q8_0(rows: np.ndarray) -> np.ndarray:
-    """Q8_0 bytes: gguf-py's quantizer, which matches quantize_row_q8_0_ref (tested), signed zeros included."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
 
-    rows = np.asarray(rows, dtype=F32)
-    with np.errstate(all="ignore"):
-        return quantize(rows.reshape(-1, rows.shape[-1]), GGMLQuantizationType.Q8_0).reshape(-1)
-
-
-ENCODERS["Q8_0"] = _q8_0
-BLOCK_BYTES["Q8_0"] = 34
-BLOCK_SIZE["Q8_0"] = 32
 
 
 def encode(type_name: str, rows: np.ndarray) -> np.ndarray:
