@@ -13,8 +13,6 @@ import pytest
 import ggml_ref
 from wconv import kquants
 
-pytestmark = pytest.mark.interop
-
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 ALL_TYPES = K_TYPES + ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 
@@ -85,6 +83,7 @@ def _non_finite(rng, n):
 CASES = _cases()
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_bytes_equal_ggml(ggml, qtype, case):
@@ -97,6 +96,7 @@ def test_bytes_equal_ggml(ggml, qtype, case):
     assert bad.size == 0, f"{qtype} {case}: {bad.size} blocks differ, first {bad[:8]}"
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("qtype", K_TYPES)
 def test_bytes_equal_ggml_many_random_blocks(ggml, qtype):
     """Enough blocks that rare search-loop ties and branch orders show up."""
@@ -130,6 +130,7 @@ def test_output_size_and_row_checks(qtype):
             kquants.ENCODERS[qtype](np.ones((2, 288), np.float32))
 
 
+@pytest.mark.interop
 def test_encoders_chunk_boundaries_do_not_matter(ggml, monkeypatch):
     """Results are per block: a different chunking gives the same bytes."""
     rng = np.random.default_rng(5)
@@ -155,6 +156,7 @@ def test_numpy_axis0_reduction_is_sequential():
         assert np.array_equal(np.add.reduce(a, axis=0).view(np.uint32), seq.view(np.uint32))
 
 
+@pytest.mark.interop
 def test_gguf_py_signed_zero_blocks_differ_from_ggml_and_ours_do_not(ggml):
     """Why kquants carries its own Q4_0/Q4_1/Q5_0/Q5_1: gguf-py takes the other signed zero."""
     from gguf import GGMLQuantizationType

@@ -44,7 +44,8 @@ def llama_names(n_layers, dim, hidden, vocab, tied=False, kv_dim=None):
 # ----------------------------------------------------------------------------- rules, no llama.cpp
 
 def test_visiting_order_is_by_layer_number_then_name():
-    names = ["blk.10.attn_v.weight", "blk.2.ffn_down.weight", "output.weight", "blk.2.attn_v.weight", "token_embd.weight"]
+    names = ["blk.10.attn_v.weight", "blk.2.ffn_down.weight", "output.weight", "blk.2.attn_v.weight",
+             "token_embd.weight"]
     assert quant_mix.visiting_order(names) == ["output.weight", "token_embd.weight", "blk.2.attn_v.weight",
                                                "blk.2.ffn_down.weight", "blk.10.attn_v.weight"]
 
@@ -98,7 +99,8 @@ def test_gpt2_fused_qkv_takes_the_attn_v_rules():
 
 def test_overrides_and_names():
     names = llama_names(8, 256, 512, 512)
-    p = quant_mix.plan(names, HParams(8, 4, 4), "Q4_K_M", {"output_tensor_type": "q8_0", "token_embedding_type": "Q6_K"})
+    p = quant_mix.plan(names, HParams(8, 4, 4), "Q4_K_M",
+                       {"output_tensor_type": "q8_0", "token_embedding_type": "Q6_K"})
     assert p.types["output.weight"] == "Q8_0" and p.types["token_embd.weight"] == "Q6_K"
     pure = quant_mix.plan(names, HParams(8, 4, 4), "q4_k_m", Overrides(pure=True))
     assert {t for n, t in pure.types.items() if n.endswith("attn_v.weight") or n == "output.weight"} == {"Q4_K"}
@@ -108,7 +110,8 @@ def test_overrides_and_names():
     with pytest.raises(ValueError, match="unknown quantisation"):
         quant_mix.plan(names, HParams(8, 4, 4), "q4_k_x")
     with pytest.raises(ValueError, match="row length 352"):
-        quant_mix.plan({"token_embd.weight": (10, 352)}, HParams(1, 1, 1), "q8_0", Overrides(token_embedding_type="q4_k"))
+        quant_mix.plan({"token_embd.weight": (10, 352)}, HParams(1, 1, 1), "q8_0",
+                       Overrides(token_embedding_type="q4_k"))
     f16 = quant_mix.plan([("a.weight", (4, 256), "F16"), ("b_norm.weight", (256,), "F16")], HParams(1, 1, 1), "Q4_0")
     assert f16.types == {"a.weight": "Q4_0", "b_norm.weight": "F16"}
 
@@ -205,6 +208,7 @@ def encode(src_cache, data, name, qtype):
     return src_cache[key]
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("ftype", FTYPES)
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_llama_model_quantize_types_and_bytes(llama_cpp, sources, tmp_path, model, ftype):
@@ -282,6 +286,7 @@ SYNTHETIC = {
 }
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("key", sorted(SYNTHETIC))
 def test_llama_model_quantize_types_other_shapes(llama_cpp, tmp_path, key):
     arch, hp, names, ftypes = SYNTHETIC[key]
@@ -296,6 +301,7 @@ def test_llama_model_quantize_types_other_shapes(llama_cpp, tmp_path, key):
         assert file_type == plan.file_type
 
 
+@pytest.mark.interop
 @pytest.mark.parametrize("overrides", [Overrides(output_tensor_type="q8_0"), Overrides(token_embedding_type="q5_k"),
                                        Overrides(output_tensor_type="q4_k", token_embedding_type="q8_0"),
                                        Overrides(pure=True)])

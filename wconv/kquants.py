@@ -445,8 +445,8 @@ def _q3_K_chunk(x, exact=False):
         q = _nearest_int(xt / d_sub)
     levels = _final_levels(q, -4, 3, 4, d_sub == 0, L).reshape(nb, QK_K)
     high = levels > 3
-    hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None],
-                                 axis=1).astype(np.uint8)
+    bits = high.reshape(nb, 8, 32).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+    hmask = np.bitwise_or.reduce(bits, axis=1).astype(np.uint8)    # bit b of hmask[m]: level 32b + m > 3
     levels = np.where(high, levels - 4, levels).astype(np.uint8)
     return np.concatenate([hmask, _pack_2bit(levels), sc, d.view(np.uint8).reshape(-1, 2)], axis=1)
 

@@ -300,11 +300,13 @@ def _fallback(name: str, shape, target: str, plan: MixPlan) -> str:
     ncols = shape[-1]
     if ncols % BLOCK[target] == 0:
         return target
+    why = f"row length {ncols} is not a multiple of {BLOCK[target]}"
     used = FALLBACK.get(target, target)
     if ncols % BLOCK[used]:
+        if used != target:
+            why += f" nor of {BLOCK[used]}"
         used = "F16"
-    plan.fallbacks.append(Fallback(name, target, used, f"row length {ncols} is not a multiple of {BLOCK[target]}"
-                                   + ("" if used != "F16" or target == "F16" else f" (nor of {BLOCK[FALLBACK.get(target, target)]})")))
+    plan.fallbacks.append(Fallback(name, target, used, why))
     return used
 
 
