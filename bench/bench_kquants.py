@@ -9,9 +9,10 @@ ftype (default Q4_K_M and Q6_K):
              kquants.ENCODERS in pieces of rows on 2 threads (parallel.ordered_map)
              and written to a file, tensor after tensor
 
-prints wall and CPU times (both sides use 2 threads; CPU time is the fairer figure on
-a shared machine) with ratios wconv / llama.cpp, and checks that every tensor's
-bytes are equal. Not a GGUF writer benchmark: wconv's output here is the raw tensor
+each side in its own subprocess, and prints wall and CPU times (both sides use 2
+threads; CPU time is the fairer figure on a shared machine) with ratios wconv /
+llama.cpp, peak anonymous (private) RSS sampled from /proc every 20 ms, and checks
+that every tensor's bytes are equal. Not a GGUF writer benchmark: wconv's output here is the raw tensor
 data (what a GGUF writer streams), read from the f32 file through numpy's memmap.
 
 Usage:
@@ -23,8 +24,11 @@ import argparse
 import contextlib
 import ctypes
 import io
+import json
 import os
+import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -122,27 +126,75 @@ def same_bytes(ours_path: str, offsets: dict, theirs_path: str) -> bool:
     return True
 
 
+def _anon_rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_side(side: str, src: str, dst: str, ftype: str, layers: int) -> dict:
+    """One side in a subprocess: its JSON result plus the peak anonymous RSS seen."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--src", src, "--dst", dst,
+           "--ftypes", ftype, "--layers", str(layers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], _anon_rss(proc.pid))
+            done.wait(0.02)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    assert proc.returncode == 0, (side, proc.returncode)
+    result = json.loads(out.strip().splitlines()[-1])
+    result["anon_peak"] = peak[0]
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--ftypes", default="q4_k_m,q6_k")
     ap.add_argument("--workdir", default="/tmp/wconv-kq-bench")
+    ap.add_argument("--side", choices=["llama", "wconv"], help=argparse.SUPPRESS)
+    ap.add_argument("--src", help=argparse.SUPPRESS)
+    ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.side == "llama":
+        wall, cpu = llama_cpp_quantize(args.src, args.dst, args.ftypes)
+        print(json.dumps({"wall": wall, "cpu": cpu}))
+        return
+    if args.side == "wconv":
+        wall, cpu, offsets = wconv_quantize(args.src, args.dst, args.ftypes, args.layers)
+        print(json.dumps({"wall": wall, "cpu": cpu, "offsets": offsets}))
+        return
     os.makedirs(args.workdir, exist_ok=True)
     src = os.path.join(args.workdir, f"tinyllama-{args.layers}l-f32.gguf")
     if not os.path.exists(src):
         t0 = time.perf_counter()
         make_source(src, args.layers)
         print(f"source: {src} ({os.path.getsize(src) / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s)")
+    mib = 2.0 ** 20
     for ftype in args.ftypes.split(","):
         theirs = os.path.join(args.workdir, f"llama-{ftype}.gguf")
         ours = os.path.join(args.workdir, f"wconv-{ftype}.bin")
-        t_llama, c_llama = llama_cpp_quantize(src, theirs, ftype)
-        t_ours, c_ours, offsets = wconv_quantize(src, ours, ftype, args.layers)
-        ok = same_bytes(ours, offsets, theirs)
-        print(f"{ftype.upper():7s} wall: llama.cpp {t_llama:6.1f} s, wconv {t_ours:6.1f} s, ratio {t_ours / t_llama:4.2f}"
-              f"   cpu: llama.cpp {c_llama:6.1f} s, wconv {c_ours:6.1f} s, ratio {c_ours / c_llama:4.2f}"
-              f"   bytes {'identical' if ok else 'DIFFER'}")
+        lr = run_side("llama", src, theirs, ftype, args.layers)
+        wr = run_side("wconv", src, ours, ftype, args.layers)
+        ok = same_bytes(ours, wr["offsets"], theirs)
+        print(f"{ftype.upper():7s} wall: llama.cpp {lr['wall']:6.1f} s, wconv {wr['wall']:6.1f} s, "
+              f"ratio {wr['wall'] / lr['wall']:4.2f} | cpu: llama.cpp {lr['cpu']:6.1f} s, wconv {wr['cpu']:6.1f} s, "
+              f"ratio {wr['cpu'] / lr['cpu']:4.2f} | peak anon RSS: llama.cpp {lr['anon_peak'] / mib:5.0f} MiB, "
+              f"wconv {wr['anon_peak'] / mib:5.0f} MiB | bytes {'identical' if ok else 'DIFFER'}")
 
 
 if __name__ == "__main__":
