@@ -222,5 +222,5 @@ def test_nanogpt_matches_torch_on_original(tmp_path):
     ours = wconv.reference.forward(wconv.load(fixture_path("nanogpt-ckpt.pt")), PROMPT)
     assert np.abs(ours - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
     out = tmp_path / "n.safetensors"
-    run("convert", fixture_path("nanogpt-ckpt.pt"), out, "--quiet")
+    run("convert", fixture_path("nanogpt-ckpt.pt"), out, "--quiet", "--names", "canonical")
     assert np.abs(wconv.reference.forward(wconv.load(out), PROMPT) - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)

@@ -7,6 +7,7 @@ import os
 
 from ..atomic import atomic_dir, atomic_path, check_target
 from ..errors import UnsupportedError, UsageError, WconvError
+from ..progress import warn
 from ..sniff import sniff
 from ..vocab import announce as announce_tokenizer
 from .load import load_model, load_tokenizer
@@ -80,7 +81,7 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
 # Options each output format takes (besides force/quiet), as CLI spellings for messages.
 FORMAT_OPTIONS = {
     "gguf": ("dtype", "max_seq_len"),
-    "safetensors": ("dtype",),
+    "safetensors": ("dtype", "names"),
     "llama2c": ("version", "group_size", "max_seq_len"),
     "ggjt": ("dtype",),
     "hf": ("dtype", "max_seq_len", "max_shard_size"),
@@ -104,6 +105,10 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
     if given.get("max_seq_len") is not None and given["max_seq_len"] < 1:
         raise UsageError(out, f"--max-seq-len must be at least 1, got {given['max_seq_len']}")
     options = given
+    if fmt == "safetensors":
+        names = options.pop("names", None) or ("stored" if _is_torch_file(src) else "canonical")
+        if names == "stored":
+            return mirror(src, out, force=force, quiet=quiet, **options)
     model = load_model(src, tokenizer=tokenizer)
     announce_tokenizer(model)
     tok_out = None
@@ -121,6 +126,29 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)
     return fmt
+
+
+def _is_torch_file(path) -> bool:
+    return os.path.isfile(path) and sniff(path) in ("torch-zip", "torch-legacy")
+
+
+def mirror(src, out, *, force=False, quiet=False, dtype=None) -> str:
+    """`convert SRC OUT.safetensors` for a torch file: its state dict exactly as stored (wconv.convert.mirror)."""
+    from .mirror import plan_mirror, write_mirror
+
+    if not _is_torch_file(src):
+        what = sniff(src) if os.path.isfile(src) else "directory" if os.path.isdir(src) else "missing file"
+        raise UsageError(src, f"--names stored mirrors a torch checkpoint file (.pt/.pth/.bin/.ckpt), not a {what}; "
+                              "use --names canonical")
+    if dtype is not None:
+        raise UsageError(out, "--dtype would change the stored values, and the safetensors mirror of a torch file "
+                              "keeps them exactly; add --names canonical to convert through wconv's model view")
+    plan = plan_mirror(src)
+    with atomic_path(out, force=force, inputs=[src], own_output=own_output("safetensors")) as tmp:
+        write_mirror(plan, tmp, quiet=quiet)
+    if plan.note():
+        warn(src, plan.note())
+    return "safetensors"
 
 
 def write_tokenizer_bin(src, out, *, force=False, loaded=None):
