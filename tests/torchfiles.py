@@ -8,7 +8,6 @@ torch is a test dependency only. Every expected value comes from torch itself
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zipfile
@@ -16,8 +15,6 @@ import zlib
 
 import numpy as np
 import torch
-
-REALDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata", "torch")
 
 # torch dtypes numpy lacks are compared through their bits, as wconv stores them.
 _BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.uint16: (torch.int16, np.uint16),
