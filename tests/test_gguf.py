@@ -22,8 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelgen
+import wconv
+from conftest import fixture_path
 from wconv import arch, dtypes, reference
-from wconv.convert.save import save
+from wconv.convert.save import convert, save
 from wconv.errors import FormatError, UnsupportedError, UsageError, WconvError
 from wconv.formats import gguf_io
 from wconv.model import Tokenizer
@@ -598,3 +600,30 @@ def test_neighbouring_tokenizer_of_another_model_is_not_attached(realdata, tmp_p
     out = os.path.join(tmp_path, "s.gguf")
     save(load_model(src), out, quiet=True)
     assert gguf_io.read(out).metadata["tokenizer.ggml.model"] == "no_vocab"
+
+
+# --- hyperparameters that make no sense ---------------------------------------------------------
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_gguf_max_seq_len_must_be_positive(tmp_path, value):
+    out = tmp_path / "o.gguf"
+    with pytest.raises(UsageError, match="max.seq.len must be (positive|at least 1)"):
+        convert(fixture_path("meta-tiny"), out, max_seq_len=value, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 2.5])
+def test_gguf_non_integral_hyperparameter_is_a_format_error(tmp_path, value):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_float32("llama.attention.head_count", value)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FormatError, match="llama.attention.head_count"):
+        wconv.load(path)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import modelgen
 import wconv
-from conftest import REALDATA, realdata_path
+from conftest import REALDATA, fixture_path, realdata_path
 from helpers import hf_permute
 from wconv import dtypes, parity, reference
 from wconv.cli import main as cli
@@ -216,3 +216,12 @@ def test_default_tolerances_cover_measured_noise_and_catch_bugs():
         assert max_rel * 1.5 <= rel_tol and min_corr >= corr_tol
     for cls in ("f16", "bf16", "q8"):
         assert bug_corr < parity.TOLERANCES[cls][1]
+
+
+# --- meaningless tolerances ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("atol", [-1.0, float("nan"), float("inf")])
+def test_parity_refuses_meaningless_atol(atol):
+    m = fixture_path("meta-tiny")
+    with pytest.raises(UsageError, match="atol"):
+        wconv.parity(m, m, atol=atol)

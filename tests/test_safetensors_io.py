@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 import modelgen
+import wconv
 from conftest import fixture_path, realdata_path
 from wconv import dtypes
 from wconv.convert.load import load_model
+from wconv.convert.save import convert
 from wconv.convert.sources import load_safetensors_file
 from wconv.errors import FormatError, UnsupportedError, UsageError
 from wconv.formats import safetensors_io
@@ -293,3 +295,20 @@ def test_canonical_names_without_or_with_bad_wconv_metadata(tmp_path):
     save_file(arrays, odd, metadata={"wconv.arch": '"mamba"'})
     with pytest.raises(UnsupportedError, match="mamba"):
         load_safetensors_file(odd)
+
+
+# --- wconv's own metadata, wrongly typed ------------------------------------------------------
+
+def test_wrongly_typed_wconv_metadata_is_a_format_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    good = tmp_path / "good.safetensors"
+    convert(fixture_path("meta-tiny"), good, dtype="f32", quiet=True)
+    with safe_open(str(good), "np") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["wconv.dim"]) == 64
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(good)), str(bad), metadata={**metadata, "wconv.dim": '"64"'})
+    with pytest.raises(FormatError, match="wconv.dim"):
+        wconv.load(bad)
