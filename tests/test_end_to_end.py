@@ -18,6 +18,8 @@ import torch
 
 import wconv
 from conftest import fixture_path
+from wconv.convert.save import convert
+from wconv.errors import UsageError
 from torch_reference import logits as torch_logits
 
 WCONV = [sys.executable, "-m", "wconv.cli"]
@@ -222,5 +224,31 @@ def test_nanogpt_matches_torch_on_original(tmp_path):
     ours = wconv.reference.forward(wconv.load(fixture_path("nanogpt-ckpt.pt")), PROMPT)
     assert np.abs(ours - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
     out = tmp_path / "n.safetensors"
-    run("convert", fixture_path("nanogpt-ckpt.pt"), out, "--quiet")
+    run("convert", fixture_path("nanogpt-ckpt.pt"), out, "--quiet", "--names", "canonical")
     assert np.abs(wconv.reference.forward(wconv.load(out), PROMPT) - ref).max() <= 1e-4 * max(np.abs(ref).max(), 1.0)
+
+
+# --- options a format does not take are refused, not dropped or crashed on --------------------
+
+@pytest.mark.parametrize("out,options,message", [
+    ("m.safetensors", {"max_seq_len": 5}, "--max-seq-len does not apply to safetensors"),
+    ("m.ggjt", {"max_seq_len": 5}, "--max-seq-len does not apply to ggjt"),
+    ("m.gguf", {"version": 2}, "--version does not apply to gguf"),
+    ("m.gguf", {"group_size": 32}, "--group-size does not apply to gguf"),
+    ("m.bin", {"dtype": "f16"}, "use --version 2"),
+    ("m.gguf", {"max_seq_len": 0}, "at least 1"),
+])
+def test_inapplicable_options_refused(tmp_path, out, options, message):
+    with pytest.raises(UsageError, match=message):
+        convert(fixture_path("meta-tiny"), str(tmp_path / out), quiet=True, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_max_seq_len_must_be_positive(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "wconv.cli", "pth-to-bin", fixture_path("meta-tiny"),
+                           str(tmp_path / "m.bin"), "--max-seq-len", "0"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "max-seq-len" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import wconv
+from helpers import hf_permute
 from wconv import arch, nn, reference
 from wconv.arch.decoder import llama3_from_factors
 from wconv.arch.family import Problems
@@ -145,10 +146,6 @@ def meta_equivalent_dir(tmp_root):
     sd = torch.load(os.path.join(src, "consolidated.00.pth"), map_location="cpu", weights_only=True)
     dim, n_heads, n_kv = params["dim"], params["n_heads"], params["n_kv_heads"]
 
-    def permute(w, heads):
-        rows = w.shape[0]
-        return w.view(heads, rows // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(rows, w.shape[1])
-
     hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
     cfg = transformers.LlamaConfig(
         hidden_size=dim, intermediate_size=hidden, num_attention_heads=n_heads, num_key_value_heads=n_kv,
@@ -161,8 +158,8 @@ def meta_equivalent_dir(tmp_root):
     for i in range(params["n_layers"]):
         p, q = f"layers.{i}.", f"model.layers.{i}."
         hf.update({
-            q + "self_attn.q_proj.weight": permute(sd[p + "attention.wq.weight"], n_heads),
-            q + "self_attn.k_proj.weight": permute(sd[p + "attention.wk.weight"], n_kv),
+            q + "self_attn.q_proj.weight": hf_permute(sd[p + "attention.wq.weight"], n_heads),
+            q + "self_attn.k_proj.weight": hf_permute(sd[p + "attention.wk.weight"], n_kv),
             q + "self_attn.v_proj.weight": sd[p + "attention.wv.weight"],
             q + "self_attn.o_proj.weight": sd[p + "attention.wo.weight"],
             q + "mlp.gate_proj.weight": sd[p + "feed_forward.w1.weight"],
@@ -228,8 +225,6 @@ def _knocked_out(name):
         what = "in HF q/k row order (rotary pairs wrong)"  # Mistral NeMo-style: check the permutation
         for n in [n for n in tensors if n.endswith(("attn_q.weight", "attn_k.weight"))]:
             heads = c.n_heads if "attn_q" in n else c.n_kv_heads
-            from wconv.arch.decoder import hf_permute
-
             tensors[n] = tensors[n].derive(lambda a, h=heads: hf_permute(a, h), float_input=True)
     else:
         raise AssertionError(f"{name} has no feature to knock out")

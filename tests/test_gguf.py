@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,10 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import modelgen
+import wconv
+from conftest import fixture_path, realdata_path
 from wconv import arch, dtypes, reference
-from wconv.convert.save import save
+from wconv.convert.save import convert, save
 from wconv.errors import FormatError, UnsupportedError, UsageError, WconvError
-from wconv.formats import gguf_io
+from wconv.formats import gguf_io, safetensors_io
 from wconv.model import Tokenizer
 from wconv.tensor import LazyTensor
 
@@ -598,3 +602,78 @@ def test_neighbouring_tokenizer_of_another_model_is_not_attached(realdata, tmp_p
     out = os.path.join(tmp_path, "s.gguf")
     save(load_model(src), out, quiet=True)
     assert gguf_io.read(out).metadata["tokenizer.ggml.model"] == "no_vocab"
+
+
+# --- hyperparameters that make no sense ---------------------------------------------------------
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_gguf_max_seq_len_must_be_positive(tmp_path, value):
+    out = tmp_path / "o.gguf"
+    with pytest.raises(UsageError, match="max.seq.len must be (positive|at least 1)"):
+        convert(fixture_path("meta-tiny"), out, max_seq_len=value, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 2.5])
+def test_gguf_non_integral_hyperparameter_is_a_format_error(tmp_path, value):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_float32("llama.attention.head_count", value)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(FormatError, match="llama.attention.head_count"):
+        wconv.load(path)
+
+
+# --- the vocabulary written equals llama.cpp's own conversion of the same tokenizer ------------------
+# (read back with gguf-py's GGUFReader, against llama.cpp's ggml-vocab-llama-spm.gguf, for both vocab
+# sources a user may have: the sentencepiece tokenizer.model and llama2.c's tokenizer.bin made from it)
+
+VOCAB_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+VOCAB_IDS = ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id")
+
+
+def gguf_vocab(path):
+    import gguf
+
+    r = gguf.GGUFReader(path)
+
+    def arr(key):
+        f = r.fields[key]
+        return [bytes(f.parts[i]) if key.endswith("tokens") else float(f.parts[i][0]) for i in f.data]
+
+    out = {k: arr(k) for k in VOCAB_KEYS}
+    out.update({k: int(r.fields[k].parts[r.fields[k].data[0]][0]) for k in VOCAB_IDS})
+    out["tokenizer.ggml.model"] = bytes(r.fields["tokenizer.ggml.model"].parts[-1]).decode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_vocab():
+    return gguf_vocab(realdata_path("gguf", "ggml-vocab-llama-spm.gguf"))
+
+
+@pytest.mark.parametrize("source", ["tokenizer.model", "tokenizer.bin"])
+def test_gguf_vocab_equals_llama_cpp_conversion(tmp_path, source, llama_cpp_vocab):
+    tok = realdata_path("llama2c", source)
+    # A small model with the Llama 2 vocabulary size, on disk, converted by the CLI with --tokenizer.
+    m = modelgen.random_model(modelgen.llama_config(vocab_size=32000, dim=32, n_heads=4, n_kv_heads=4,
+                                                    hidden_dim=64, n_layers=1), seed=3)
+    src = tmp_path / "m.safetensors"
+    safetensors_io.write(m, str(src), quiet=True)
+    out = tmp_path / "m.gguf"
+    proc = subprocess.run([sys.executable, "-m", "wconv.cli", "convert", str(src), str(out), "--tokenizer", tok,
+                           "--quiet"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ours = gguf_vocab(str(out))
+    assert ours["tokenizer.ggml.model"] == llama_cpp_vocab["tokenizer.ggml.model"] == "llama"
+    for key in VOCAB_KEYS + VOCAB_IDS:
+        assert ours[key] == llama_cpp_vocab[key], key
+    assert np.array_equal(np.array(ours["tokenizer.ggml.scores"]),
+                          np.array(llama_cpp_vocab["tokenizer.ggml.scores"]))

@@ -12,20 +12,18 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import weakref
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import helpers
 import wconv
 from conftest import fixture_path, realdata_path
+from helpers import assert_same_tensors, leftovers, start_and_freeze
 from modelgen import gpt2_config, llama_config, random_model
 from wconv import dtypes, reference
-from wconv.atomic import TMP_SUFFIX
 from wconv.cli import main as cli
 from wconv.convert.load import load_tokenizer
 from wconv.convert.save import convert, save
@@ -74,17 +72,6 @@ def stored_names(directory) -> list:
     for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
         names += list(read_header(path)[0])
     return names
-
-
-def leftovers(directory) -> list:
-    return sorted(f for f in os.listdir(directory) if f.endswith(TMP_SUFFIX))
-
-
-def assert_same_tensors(back, source):
-    assert sorted(back.tensors) == sorted(source.tensors)
-    for name, t in source.tensors.items():
-        assert back[name].dtype is t.dtype, name
-        np.testing.assert_array_equal(back[name].raw(), t.raw(), err_msg=name)
 
 
 # --- fixtures through transformers ------------------------------------------------------------
@@ -310,21 +297,9 @@ def test_one_source_tensor_alive_at_a_time(tmp_path):
 
 def failing_model(parent, *, fail_after, exc=None):
     """A model whose tensor loads fail after `fail_after` loads; records the temporary directory then."""
-    model = random_model(llama_config(), seed=1)
-    state = {"calls": 0, "seen": None}
-
-    def wrap(t):
-        def load():
-            state["calls"] += 1
-            if state["calls"] > fail_after:
-                state["seen"] = {d: sorted(os.listdir(os.path.join(parent, d))) for d in leftovers(parent)}
-                raise exc or FormatError("broken.pth", "tensor data unreadable (simulated)")
-            return t.loader()
-
-        return LazyTensor(t.name, t.dtype, t.shape, load, t.source)
-
-    model.tensors = {n: wrap(t) for n, t in model.tensors.items()}
-    return model, state
+    return helpers.failing_model(random_model(llama_config(), seed=1), fail_after=fail_after, exc=exc,
+                                 record=lambda: {d: sorted(os.listdir(os.path.join(parent, d)))
+                                                 for d in leftovers(parent)})
 
 
 @pytest.mark.parametrize("exc", [None, KeyboardInterrupt()], ids=["error", "interrupt"])
@@ -495,9 +470,6 @@ def test_cli(tmp_path):
 
 # --- signals, end to end through the CLI ----------------------------------------------------------
 
-WCONV = os.path.join(os.path.dirname(sys.executable), "wconv")
-
-
 @pytest.fixture(scope="module")
 def big_input(tmp_path_factory):
     """A ~40 MB f32 model: its bf16 HF form takes long enough to stop between shards."""
@@ -509,18 +481,8 @@ def big_input(tmp_path_factory):
 
 def _start_and_freeze(src, out, *extra):
     """Start `wconv convert --to hf` and SIGSTOP it once its temporary directory holds a shard."""
-    proc = subprocess.Popen([WCONV, "convert", "-q", src, str(out), "--to", "hf", "--dtype", "bf16",
-                             "--max-shard-size", "1MB", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        tmps = glob.glob(os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.*{TMP_SUFFIX}"))
-        if tmps and glob.glob(os.path.join(tmps[0], "model-00002-of-*.safetensors")):
-            proc.send_signal(signal.SIGSTOP)
-            return proc, tmps[0]
-        time.sleep(0.001)
-    proc.kill()
-    pytest.fail(f"conversion ended or never wrote a shard (exit {proc.poll()}): {proc.communicate()}")
+    return start_and_freeze([src, out, "--to", "hf", "--dtype", "bf16", "--max-shard-size", "1MB", *extra], out,
+                            lambda tmp: bool(glob.glob(os.path.join(tmp, "model-00002-of-*.safetensors"))))
 
 
 @pytest.mark.parametrize("existing", [False, True], ids=["new", "force-over-old"])

@@ -8,7 +8,7 @@ import os
 import pytest
 
 import modelgen
-from conftest import REALDATA, fixture_path
+from conftest import REALDATA, fixture_path, realdata_path
 from wconv import tensor as tensor_mod
 from wconv.errors import WconvError
 from wconv.inspect.report import MAX_METADATA_CHARS, format_text, inspect_path, report_for
@@ -159,9 +159,7 @@ def np_prod(shape) -> int:
 
 
 def test_custom_nanogpt_shown_as_unknown():
-    path = os.path.join(REALDATA, "torch", "nanogpt_style_small-gpt_ckpt.pt")
-    if not os.path.exists(path):
-        pytest.skip("realdata not available")
+    path = realdata_path("torch", "nanogpt_style_small-gpt_ckpt.pt")
     report = inspect_path(path)
     assert report["arch"] == "unknown" and report["layout"] == "unknown"
     assert "transformer.h.0.ffd.w1.weight" in [t["name"] for t in report["tensors"]]

@@ -2,7 +2,6 @@
 export.py (torch-based, below), round trips, group sizes, refusals, real files."""
 from __future__ import annotations
 
-import os
 import struct
 
 import numpy as np
@@ -12,6 +11,7 @@ from click.testing import CliRunner
 
 import modelgen
 import torch_reference
+from conftest import realdata_path
 import wconv
 from wconv import reference
 from wconv.cli import main as cli
@@ -19,14 +19,8 @@ from wconv.convert.save import save
 from wconv.errors import FormatError, UnsupportedError, UsageError, WconvError
 from wconv.formats import llama2c
 
-REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata", "llama2c")
-
-
 def real(name):
-    path = os.path.join(REAL, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not available")
-    return path
+    return realdata_path("llama2c", name)
 
 
 # ------------------------------------------- export.py restated with torch (test oracle)

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason=
 
 # What a conversion imports, so that the baseline child pays for the same code.
 _IMPORTS = ["numpy", "gguf", "gguf.quants", "gguf.gguf_writer", "wconv.cli", "wconv.convert.save",
-            "wconv.convert.load", "wconv.convert.sources", "wconv.convert.state_dict",
+            "wconv.convert.load", "wconv.convert.sources", "wconv.convert.mirror", "wconv.convert.state_dict",
             "wconv.formats.torch_file", "wconv.formats.torch_zip", "wconv.formats.torch_legacy",
             "wconv.formats.safetensors_io", "wconv.formats.gguf_io", "wconv.formats.ggml_legacy",
             "wconv.formats.llama2c", "wconv.quant"]
@@ -128,7 +128,8 @@ def _with_writer(module, fn, name, **options):
 # outputs cover every writer, some with a type change (bf16, q8_0) on the way.
 CASES = {
     "torch-zip": (make_torch_zip, "out.gguf", []),
-    "torch-legacy": (make_torch_legacy, "out.safetensors", ["--dtype", "bf16"]),
+    "torch-legacy": (make_torch_legacy, "out.safetensors", ["--dtype", "bf16", "--names", "canonical"]),
+    "torch-mirror": (make_torch_zip, "out.safetensors", []),  # the safe mirror (wconv.convert.mirror)
     "safetensors": (_with_writer("wconv.formats.safetensors_io", "write", "in.safetensors"), "out.bin", []),
     "gguf": (_with_writer("wconv.formats.gguf_io", "write", "in.gguf"), "out.ggjt", []),
     "llama2c-v0": (_with_writer("wconv.formats.llama2c", "write", "in.bin", version=0), "out.gguf",

@@ -14,23 +14,21 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
+import helpers
 import hostile
 from conftest import fixture_path
+from helpers import WCONV, leftovers, start_and_freeze
 from modelgen import llama_config, random_model
-from wconv.atomic import TMP_SUFFIX, atomic_path
+from wconv.atomic import atomic_path
 from wconv.convert import save as save_mod
 from wconv.convert.save import convert, save, write_tokenizer_bin
 from wconv.errors import FormatError, OutputError, UsageError, WconvError
 from wconv.formats import safetensors_io
 from wconv.model import Tokenizer
-from wconv.tensor import LazyTensor
 
-WCONV = os.path.join(os.path.dirname(sys.executable), "wconv")
 WRITERS = [("gguf", "out.gguf", {}), ("safetensors", "out.safetensors", {}), ("llama2c", "out.bin", {"version": 0}),
            ("llama2c", "out.bin", {"version": 2}), ("ggjt", "out.ggjt", {})]
 IDS = ["gguf", "safetensors", "llama2c-v0", "llama2c-v2", "ggjt"]
@@ -48,10 +46,6 @@ def snapshot(*paths) -> dict:
     return out
 
 
-def leftovers(directory) -> list:
-    return sorted(f for f in os.listdir(directory) if f.endswith(TMP_SUFFIX))
-
-
 def _model(seed=1):
     m = random_model(llama_config(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64),
                      seed=seed)
@@ -65,22 +59,9 @@ def failing_model(directory):
     Records, at the moment of failure, the temporary files present and their sizes.
     """
     model = _model()
-    names = list(model.tensors)
-    state = {"calls": 0, "seen": None}
-    fail_at = len(names) // 2
-
-    def wrap(t):
-        def load():
-            state["calls"] += 1
-            if state["calls"] > fail_at:
-                state["seen"] = {f: os.path.getsize(os.path.join(directory, f)) for f in leftovers(directory)}
-                raise FormatError("broken.pth", "tensor data unreadable (simulated)")
-            return t.loader()
-
-        return LazyTensor(t.name, t.dtype, t.shape, load, t.source, t.storage_key)
-
-    model.tensors = {n: wrap(t) for n, t in model.tensors.items()}
-    return model, state
+    return helpers.failing_model(model, fail_after=len(model.tensors) // 2,
+                                 record=lambda: {f: os.path.getsize(os.path.join(directory, f))
+                                                 for f in leftovers(directory)})
 
 
 @pytest.mark.parametrize("fmt,name,opts", WRITERS, ids=IDS)
@@ -257,19 +238,9 @@ def big_input(tmp_path_factory):
 
 def _start_and_freeze(src, out):
     """Start a conversion and SIGSTOP it once its temporary output holds > 256 KiB."""
-    proc = subprocess.Popen([WCONV, "convert", "-q", src, str(out), "--dtype", "q4_0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    pattern = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.*{TMP_SUFFIX}")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        tmps = glob.glob(pattern)
-        if tmps and os.path.getsize(tmps[0]) > 256 << 10:
-            proc.send_signal(signal.SIGSTOP)
-            assert not os.path.exists(out), "the target appeared before the conversion finished"
-            return proc, tmps[0]
-        time.sleep(0.001)
-    proc.kill()
-    pytest.fail(f"conversion ended or never wrote (exit {proc.poll()}): {proc.communicate()}")
+    proc, tmp = start_and_freeze([src, out, "--dtype", "q4_0"], out, lambda tmp: os.path.getsize(tmp) > 256 << 10)
+    assert not os.path.exists(out), "the target appeared before the conversion finished"
+    return proc, tmp
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])

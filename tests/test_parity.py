@@ -10,6 +10,8 @@ from click.testing import CliRunner
 
 import modelgen
 import wconv
+from conftest import REALDATA, fixture_path, realdata_path
+from helpers import hf_permute
 from wconv import dtypes, parity, reference
 from wconv.cli import main as cli
 from wconv.errors import UsageError
@@ -17,7 +19,7 @@ from wconv.formats import llama2c
 from wconv.model import Model
 from wconv.tensor import LazyTensor
 
-REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata", "llama2c")
+REAL = os.path.join(REALDATA, "llama2c")
 
 
 def stored_as(model: Model, kind: str) -> Model:
@@ -41,11 +43,6 @@ def stored_as(model: Model, kind: str) -> Model:
     return out
 
 
-def _hf_permute(w, n_heads):
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
 def broken(model: Model, how: str) -> Model:
     """Typical conversion bugs: q/k left in HF order, w1/w3 swapped, two layers swapped."""
     c = model.config
@@ -53,9 +50,9 @@ def broken(model: Model, how: str) -> Model:
     for name, t in model.tensors.items():
         w = t.float32()
         if how == "hf-order" and ".attn_q." in name:
-            w = _hf_permute(w, c.n_heads)
+            w = hf_permute(w, c.n_heads)
         elif how == "hf-order" and ".attn_k." in name:
-            w = _hf_permute(w, c.n_kv_heads)
+            w = hf_permute(w, c.n_kv_heads)
         elif how == "gate-up" and ".ffn_gate." in name:
             w = model[name.replace("gate", "up")].float32()
         elif how == "gate-up" and ".ffn_up." in name:
@@ -177,9 +174,7 @@ def test_cli_parity_and_generate(tmp_path):
 
 
 def test_real_stories260k_against_its_v2(tmp_path):
-    src = os.path.join(REAL, "stories260K.bin")
-    if not os.path.exists(src):
-        pytest.skip("stories260K.bin not available")
+    src = realdata_path("llama2c", "stories260K.bin")
     llama2c.write(wconv.load(src), str(tmp_path / "q.bin"), quiet=True, version=2)
     r = parity.compare(src, str(tmp_path / "q.bin"))
     assert r["ok"] and r["direct_ok"] and r["mean_correlation"] > 0.99
@@ -221,3 +216,12 @@ def test_default_tolerances_cover_measured_noise_and_catch_bugs():
         assert max_rel * 1.5 <= rel_tol and min_corr >= corr_tol
     for cls in ("f16", "bf16", "q8"):
         assert bug_corr < parity.TOLERANCES[cls][1]
+
+
+# --- meaningless tolerances ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("atol", [-1.0, float("nan"), float("inf")])
+def test_parity_refuses_meaningless_atol(atol):
+    m = fixture_path("meta-tiny")
+    with pytest.raises(UsageError, match="atol"):
+        wconv.parity(m, m, atol=atol)

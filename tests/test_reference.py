@@ -6,6 +6,7 @@ import pytest
 
 import modelgen
 import torch_reference
+from helpers import hf_permute
 from wconv import reference
 from wconv.errors import UnsupportedError, UsageError
 from wconv.model import Config, Model
@@ -95,12 +96,6 @@ def test_generate_greedy_is_argmax_chain():
 
 # ----------------------------------------------------------------- transformers (optional)
 
-def _hf_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    # Meta interleaved rotary rows -> HF rotate_half rows (convert_llama_weights_to_hf's permute).
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
 def test_llama_matches_transformers():
     transformers = pytest.importorskip("transformers")
     import torch
@@ -126,9 +121,9 @@ def test_llama_matches_transformers():
         if name.startswith("blk."):
             _, i, kind, _ = name.split(".")
             if kind == "attn_q":
-                w = _hf_permute(w, cfg.n_heads)
+                w = hf_permute(w, cfg.n_heads)
             elif kind == "attn_k":
-                w = _hf_permute(w, cfg.n_kv_heads)
+                w = hf_permute(w, cfg.n_kv_heads)
             state[f"model.layers.{i}.{per[kind]}.weight"] = torch.from_numpy(np.ascontiguousarray(w))
         else:
             state[names[name]] = torch.from_numpy(np.ascontiguousarray(w))

@@ -23,6 +23,7 @@ import pytest
 
 import modelgen
 import wconv
+from conftest import realdata_path
 from wconv import reference
 from wconv.formats import llama2c, llama2c_tokenizer
 from wconv.model import Tokenizer
@@ -31,7 +32,6 @@ pytestmark = pytest.mark.interop
 
 RUN = os.environ.get("WCONV_LLAMA2C_RUN")
 RUNQ = os.environ.get("WCONV_LLAMA2C_RUNQ")
-REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata", "llama2c")
 BOS = 1  # run.c hard-codes BOS = 1 and stops when it samples it
 
 needs_run = pytest.mark.skipif(not RUN, reason="set WCONV_LLAMA2C_RUN to a compiled llama2.c run binary")
@@ -109,9 +109,7 @@ def test_runq_c_reads_our_v2(tmp_path, tied, hidden):
 
 
 def _stories(tmp_path):
-    src = os.path.join(REAL, "stories260K.bin")
-    if not os.path.exists(src):
-        pytest.skip(f"{src} not available")
+    src = realdata_path("llama2c", "stories260K.bin")
     model = wconv.load(src)
     model.tokenizer = None
     return src, model
@@ -137,9 +135,7 @@ def test_runq_c_stories260k_through_our_v2(tmp_path):
 
 @needs_runq
 def test_runq_c_out440k_original_and_requantised(tmp_path):
-    src = os.path.join(REAL, "out440k_v2_int8.bin")
-    if not os.path.exists(src):
-        pytest.skip(f"{src} not available")
+    src = realdata_path("llama2c", "out440k_v2_int8.bin")
     model = wconv.load(src)
     model.tokenizer = None
     llama2c.write(model, str(tmp_path / "again.bin"), quiet=True, version=2)
@@ -150,9 +146,7 @@ def test_runq_c_out440k_original_and_requantised(tmp_path):
 
 @needs_run
 def test_run_c_out440k_dequantised_to_v0(tmp_path):
-    src = os.path.join(REAL, "out440k_v2_int8.bin")
-    if not os.path.exists(src):
-        pytest.skip(f"{src} not available")
+    src = realdata_path("llama2c", "out440k_v2_int8.bin")
     model = wconv.load(src)
     model.tokenizer = None
     llama2c.write(model, str(tmp_path / "f.bin"), quiet=True, version=0)

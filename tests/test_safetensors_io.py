@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 import modelgen
+import wconv
 from conftest import fixture_path, realdata_path
 from wconv import dtypes
-from wconv.convert.load import load_model
+from wconv.convert.load import load_model, sniff
+from wconv.convert.save import convert
 from wconv.convert.sources import load_safetensors_file
 from wconv.errors import FormatError, UnsupportedError, UsageError
 from wconv.formats import safetensors_io
@@ -293,3 +295,41 @@ def test_canonical_names_without_or_with_bad_wconv_metadata(tmp_path):
     save_file(arrays, odd, metadata={"wconv.arch": '"mamba"'})
     with pytest.raises(UnsupportedError, match="mamba"):
         load_safetensors_file(odd)
+
+
+# --- wconv's own metadata, wrongly typed ------------------------------------------------------
+
+def test_wrongly_typed_wconv_metadata_is_a_format_error(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    good = tmp_path / "good.safetensors"
+    convert(fixture_path("meta-tiny"), good, dtype="f32", quiet=True)
+    with safe_open(str(good), "np") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["wconv.dim"]) == 64
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(good)), str(bad), metadata={**metadata, "wconv.dim": '"64"'})
+    with pytest.raises(FormatError, match="wconv.dim"):
+        wconv.load(bad)
+
+
+# --- recognised whatever the low byte of the header length (it also starts pickles: 0x80, '(', '}', ']', 'c')
+
+@pytest.mark.parametrize("first_byte", [0x80, ord("("), ord("}"), ord("]"), ord("c"), ord("{")])
+def test_header_length_that_looks_like_a_pickle_opcode(tmp_path, first_byte):
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * ((first_byte - len(header)) % 256)  # JSON may end in spaces
+    assert len(header) & 0xFF == first_byte
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + np.array([1.5, -2], "<f4").tobytes())
+    assert sniff(str(path)) == "safetensors"
+    tensors, _ = safetensors_io.read(path)
+    np.testing.assert_array_equal(tensors["a"].raw(), [1.5, -2])
+
+
+def test_truncated_safetensors_still_goes_to_the_safetensors_reader(tmp_path):
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header) + 1000) + header)
+    assert sniff(str(path)) == "safetensors"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_path, realdata_path
+from helpers import assert_same_tensors
 from wconv.convert.load import load_model
 from wconv.convert.sources import load_safetensors_file, load_torch_file
 from wconv.errors import FormatError, UnsupportedError
@@ -47,13 +48,6 @@ def bits(t: "torch.Tensor") -> np.ndarray:
     return t.contiguous().numpy()
 
 
-def assert_same_tensors(a, b):
-    assert list(a.tensors) == list(b.tensors)
-    for name in a.tensors:
-        assert a[name].dtype is b[name].dtype, name
-        np.testing.assert_array_equal(a[name].raw(), b[name].raw(), err_msg=name)
-
-
 # --- fixtures against torch ----------------------------------------------------------------------
 
 def test_meta_tiny_matches_torch_load():
@@ -85,7 +79,7 @@ def test_two_shards_merge_like_torch_cat():
             axis = 1 if name.endswith(("wo.weight", "w2.weight", "tok_embeddings.weight")) else 0
             expect = torch.cat([s[name] for s in shards], dim=axis)
         np.testing.assert_array_equal(merged[meta_canon(name)].raw(), bits(expect), err_msg=name)
-    assert_same_tensors(merged, load_model(fixture_path("meta-tiny")))
+    assert_same_tensors(merged, load_model(fixture_path("meta-tiny")), ordered=True)
     assert merged.metadata["n_shards"] == 2 and "rope.freqs" not in merged.tensors
     assert len(merged.metadata["_input_files"]) == 3
 
@@ -96,7 +90,7 @@ def test_hf_llama_dirs_give_the_meta_weights(hf_dir):
     hf = load_model(fixture_path(hf_dir))
     assert hf.source_layout == "hf-llama"
     assert hf.config == meta.config
-    assert_same_tensors(hf, meta)
+    assert_same_tensors(hf, meta, ordered=True)
 
 
 def test_hf_fixture_runs_in_transformers_like_our_meta_reading():
@@ -200,7 +194,7 @@ def test_real_bare_meta_state_dict(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 4, "vocab_size": -1}))
     m = load_model(tmp_path / "consolidated.00.pth")
     assert (m.config.n_heads, m.config.n_kv_heads, m.config.vocab_size, m.config.hidden_dim) == (4, 4, 500, 256)
-    assert_same_tensors(m, load_model(str(tmp_path)))
+    assert_same_tensors(m, load_model(str(tmp_path)), ordered=True)
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import hf_permute
 from wconv.convert import state_dict as sd
 from wconv.errors import FormatError, UnsupportedError
 from wconv.tensor import LazyTensor
@@ -196,10 +197,6 @@ def _hf_from_meta(state, n_heads, n_kv_heads, tie=False):
     """An HF LlamaForCausalLM state dict from Meta weights, permuted with torch like transformers does."""
     import torch
 
-    def permute(w, heads):
-        d1, d2 = w.shape
-        return w.view(heads, d1 // heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
-
     names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
     per = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
@@ -216,9 +213,9 @@ def _hf_from_meta(state, n_heads, n_kv_heads, tie=False):
             _, i, rest = name.split(".", 2)
             hf = f"model.layers.{i}.{per[rest]}"
             if rest == "attention.wq.weight":
-                w = permute(w, n_heads)
+                w = hf_permute(w, n_heads)
             elif rest == "attention.wk.weight":
-                w = permute(w, n_kv_heads)
+                w = hf_permute(w, n_kv_heads)
         if tie and hf == "lm_head.weight":
             continue
         out[hf] = _t(hf, w.contiguous().numpy())

@@ -7,26 +7,19 @@ freshly trained models (when it is installed).
 from __future__ import annotations
 
 import io
-import os
 import struct
 
 import pytest
 from click.testing import CliRunner
 
+from conftest import realdata_path
 from wconv.cli import main as cli
 from wconv.convert.load import load_tokenizer
 from wconv.errors import FormatError, UnsupportedError
 from wconv.formats import llama2c_tokenizer, sentencepiece
 from wconv.model import Tokenizer
 
-REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata")
-
-
-def real(*parts):
-    path = os.path.join(REAL, *parts)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not available")
-    return path
+real = realdata_path
 
 
 def _bytes(path):

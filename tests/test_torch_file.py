@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torchfiles
+from conftest import REALDATA, realdata_path
 from wconv import dtypes
 from wconv.errors import FormatError, UnsafeFileError, UnsupportedError, WconvError
 from wconv.formats import torch_file, torch_zip
@@ -404,8 +405,8 @@ def test_legacy_storage_count_mismatch(tmp_path):
 
 # --- real third-party files -----------------------------------------------------------------
 
-REAL = sorted(glob.glob(os.path.join(torchfiles.REALDATA, "*.p*"))) + sorted(
-    glob.glob(os.path.join(torchfiles.REALDATA, "*.bin")))
+REAL = sorted(glob.glob(os.path.join(REALDATA, "torch", "*.p*"))) + sorted(
+    glob.glob(os.path.join(REALDATA, "torch", "*.bin")))
 
 
 @pytest.mark.parametrize("path", REAL or ["missing"], ids=os.path.basename)
@@ -420,10 +421,8 @@ def test_real_files_match_torch(path):
 
 
 def test_real_file_facts():
-    path = os.path.join(torchfiles.REALDATA, "candle_fortran_tensor_3d.pth")
-    legacy = os.path.join(torchfiles.REALDATA, "picklescan_hf_tiny-random-distilbert_pytorch_model_LEGACY.bin")
-    if not (os.path.exists(path) and os.path.exists(legacy)):
-        pytest.skip("../shared/realdata is not available")
+    path = realdata_path("torch", "candle_fortran_tensor_3d.pth")
+    legacy = realdata_path("torch", "picklescan_hf_tiny-random-distilbert_pytorch_model_LEGACY.bin")
     (name, t), = walk_tensors(load_pickled(path))
     assert t.dtype is dtypes.I64 and t.shape == (2, 3, 4)
     assert open_torch_file(legacy).format == "torch-legacy"

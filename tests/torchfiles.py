@@ -8,7 +8,6 @@ torch is a test dependency only. Every expected value comes from torch itself
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zipfile
@@ -16,8 +15,6 @@ import zlib
 
 import numpy as np
 import torch
-
-REALDATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "realdata", "torch")
 
 # torch dtypes numpy lacks are compared through their bits, as wconv stores them.
 _BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.uint16: (torch.int16, np.uint16),
@@ -203,11 +200,12 @@ def pickle_with_canary(canary_path, protocol=2) -> bytes:
     return pickle.dumps({"weights": [1, 2], "x": Canary(canary_path)}, protocol=protocol)
 
 
-def write_legacy_with_storage_view(path):
+def write_legacy_with_storage_view(path, *, whole: bool = True):
     """A legacy-format file whose tensor uses a storage *view* (written by torch < 0.4 only).
 
     Assembled by hand from the legacy layout: magic, protocol, sys_info, the object (a
-    tensor over elements 4..6 of a 10-element FloatStorage), the key list, the storage.
+    tensor over elements 4..6 of a 10-element FloatStorage, and unless whole=False a tensor
+    over all of it), the key list, the storage.
     """
     from collections import OrderedDict
 
@@ -227,8 +225,9 @@ def write_legacy_with_storage_view(path):
             return obj.pid if isinstance(obj, _StorageRef) else None
 
     view = _StorageRef(("storage", torch.FloatStorage, "0", "cpu", 10, ("1", 4, 3)))
-    whole = _StorageRef(("storage", torch.FloatStorage, "0", "cpu", 10, None))
-    obj = {"view": _Tensor(view, 1, (2,), (1,)), "whole": _Tensor(whole, 0, (2, 5), (5, 1))}
+    obj = {"view": _Tensor(view, 1, (2,), (1,))}
+    if whole:
+        obj["whole"] = _Tensor(_StorageRef(("storage", torch.FloatStorage, "0", "cpu", 10, None)), 0, (2, 5), (5, 1))
     buf = io.BytesIO()
     for header in (0x1950A86A20F9469CFC6C, 1001,
                    {"protocol_version": 1001, "little_endian": True,

@@ -132,6 +132,11 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
               help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16). "
                    "1-D tensors stay f32 in GGUF.")
+@click.option("--names", type=click.Choice(["stored", "canonical"]),
+              help="safetensors output: 'stored' (the default for a torch file) mirrors its state dict exactly "
+                   "(names, dtypes, shapes, values; a training checkpoint's other entries summarised in "
+                   "__metadata__), for any model; 'canonical' (the default otherwise) writes wconv's model view: "
+                   "GGUF-style names, hyperparameters in __metadata__.")
 @click.option("--max-shard-size", help="--to hf: split the weights into shards of at most this size "
                                        "(e.g. 5GB, the default, or 500MB) with model.safetensors.index.json.")
 @_split_options
@@ -148,7 +153,7 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @_force
 @_quiet
 @_verbose
-def convert(src, out, to, dtype, max_shard_size, split_max_size, split_max_tensors, vocab_only, dry_run, name,
+def convert(src, out, to, dtype, names, max_shard_size, split_max_size, split_max_tensors, vocab_only, dry_run, name,
             metadata, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose):
     """Convert SRC (any readable format) to OUT.
 
@@ -158,7 +163,7 @@ def convert(src, out, to, dtype, max_shard_size, split_max_size, split_max_tenso
     """
     from .convert.save import convert as do_convert
 
-    do_convert(src, out, to=to, dtype=dtype, version=bin_version, group_size=group_size,
+    do_convert(src, out, to=to, dtype=dtype, names=names, version=bin_version, group_size=group_size,
                max_seq_len=max_seq_len, max_shard_size=max_shard_size, split_max_size=split_max_size,
                split_max_tensors=split_max_tensors, vocab_only=vocab_only, dry_run=dry_run, name=name,
                metadata=metadata, tokenizer=tokenizer, force=force, quiet=quiet,

@@ -68,7 +68,7 @@ _CLASS_OF = {"F64": "f32", "F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "
 def _open(m) -> Model:
     if isinstance(m, Model):
         return m
-    from . import load
+    from .convert.load import load_model as load
 
     return load(os.fspath(m))
 

@@ -60,7 +60,7 @@ def generate(model_or_path, tokens, steps: int, *, float64: bool = False) -> lis
     if isinstance(model_or_path, Model):
         model = model_or_path
     else:
-        from . import load
+        from .convert.load import load_model as load
 
         model = load(model_or_path)
     seq = [int(t) for t in tokens]

@@ -12,6 +12,24 @@ GGUF_MAGIC = b"GGUF"
 LLAMA2C_MAGIC = b"ak42"  # uint32 0x616b3432 little-endian
 GGML_MAGICS = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}  # uint32 magics, little-endian bytes
 
+# What each kind of file is, for messages ("X is <this>"): the formats sniff() names and the
+# tokenizer kinds wconv.vocab recognises.
+WHAT = {
+    "sentencepiece": "a sentencepiece tokenizer.model",
+    "tiktoken": "a tiktoken BPE file (Meta's Llama 3 style tokenizer.model)",
+    "hf-tokenizer-json": "a Hugging Face tokenizer.json",
+    "gpt2-vocab-json": "a GPT-2 style vocab.json / encoder.json",
+    "bpe-merges": "a BPE merges file (merges.txt / vocab.bpe)",
+    "llama2c-tokenizer": "a llama2.c tokenizer.bin",
+    "hf-tokenizer-config": "a Hugging Face tokenizer_config.json (settings only, no vocabulary)",
+    "hf-generation-config": "a Hugging Face generation_config.json (no vocabulary)",
+    "gguf": "a GGUF file", "gpt2-vocab": "a GPT-2 style vocab.json / encoder.json + merges pair",
+    "torch-zip": "a torch checkpoint (zip)", "torch-legacy": "a torch checkpoint (legacy pickle)",
+    "safetensors": "a safetensors file", "ggml": "a GGML/GGJT model", "llama2c": "a llama2.c model .bin",
+    "json": "a JSON file that is not a tokenizer", "directory": "a directory", "empty": "an empty file",
+    "unknown": "not a tokenizer file wconv knows",
+}
+
 
 def sniff(path: str) -> str:
     """Name of the format of file `path` from its first bytes (and size)."""

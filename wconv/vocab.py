@@ -15,28 +15,14 @@ import struct
 
 from .errors import FormatError, UnsupportedError, WconvError
 from .model import Config, Model, Tokenizer
+from .sniff import WHAT
+from .sniff import sniff as sniff_model
 
 SNIFF_BYTES = 4096
 MAX_SIDE_FILE = 64 << 20  # files beside a model larger than this are not tokenizers
 MAX_FILES_BESIDE = 256  # a model directory holds tens of files; do not read through a huge one
 TOKENIZER_KINDS = ("sentencepiece", "tiktoken", "hf-tokenizer-json", "gpt2-vocab-json", "bpe-merges",
                    "llama2c-tokenizer")
-# What each kind is, for messages ("X is <this>").
-WHAT = {
-    "sentencepiece": "a sentencepiece tokenizer.model",
-    "tiktoken": "a tiktoken BPE file (Meta's Llama 3 style tokenizer.model)",
-    "hf-tokenizer-json": "a Hugging Face tokenizer.json",
-    "gpt2-vocab-json": "a GPT-2 style vocab.json / encoder.json",
-    "bpe-merges": "a BPE merges file (merges.txt / vocab.bpe)",
-    "llama2c-tokenizer": "a llama2.c tokenizer.bin",
-    "hf-tokenizer-config": "a Hugging Face tokenizer_config.json (settings only, no vocabulary)",
-    "hf-generation-config": "a Hugging Face generation_config.json (no vocabulary)",
-    "gguf": "a GGUF file", "gpt2-vocab": "a GPT-2 style vocab.json / encoder.json + merges pair",
-    "torch-zip": "a torch checkpoint (zip)", "torch-legacy": "a torch checkpoint (legacy pickle)",
-    "safetensors": "a safetensors file", "ggml": "a GGML/GGJT model", "llama2c": "a llama2.c model .bin",
-    "json": "a JSON file that is not a tokenizer", "directory": "a directory", "empty": "an empty file",
-    "unknown": "not a tokenizer file wconv knows",
-}
 READS = ("sentencepiece or tiktoken tokenizer.model, tokenizer.json, vocab.json/encoder.json + merges, "
          "llama2.c tokenizer.bin, or a GGUF with a vocabulary")
 
@@ -138,8 +124,6 @@ def sniff(path, wanted=None) -> str:
         return "llama2c-tokenizer"
     if wanted is not None:
         return "other"
-    from .convert.load import sniff as sniff_model
-
     kind = sniff_model(path)
     if kind in ("unknown", "sentencepiece"):  # (load.sniff's guess from a .model name is no answer here)
         return "json" if is_json else "unknown"

@@ -90,7 +90,7 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
 GGUF_CONVENIENCES = ("split_max_size", "split_max_tensors", "vocab_only", "dry_run", "name", "metadata")
 FORMAT_OPTIONS = {
     "gguf": ("dtype", "max_seq_len", *GGUF_CONVENIENCES),
-    "safetensors": ("dtype",),
+    "safetensors": ("dtype", "names"),
     "llama2c": ("version", "group_size", "max_seq_len"),
     "ggjt": ("dtype",),
     "hf": ("dtype", "max_seq_len", "max_shard_size"),
@@ -122,6 +122,10 @@ def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **o
     if fmt != "gguf":
         out_name.refuse_template(out, fmt)
     options = given
+    if fmt == "safetensors":
+        names = options.pop("names", None) or ("stored" if _is_torch_file(src) else "canonical")
+        if names == "stored":
+            return mirror(src, out, force=force, quiet=quiet, **options)
     model = load_model(src, tokenizer=tokenizer)
     if carried.carries_vocabulary(fmt, tokenizer_given=tokenizer is not None):
         announce_tokenizer(model)  # (otherwise the warning that it is not carried names it)
@@ -153,6 +157,29 @@ def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **o
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)
     return fmt
+
+
+def _is_torch_file(path) -> bool:
+    return os.path.isfile(path) and sniff(path) in ("torch-zip", "torch-legacy")
+
+
+def mirror(src, out, *, force=False, quiet=False, dtype=None) -> str:
+    """`convert SRC OUT.safetensors` for a torch file: its state dict exactly as stored (wconv.convert.mirror)."""
+    from .mirror import plan_mirror, write_mirror
+
+    if not _is_torch_file(src):
+        what = sniff(src) if os.path.isfile(src) else "directory" if os.path.isdir(src) else "missing file"
+        raise UsageError(src, f"--names stored mirrors a torch checkpoint file (.pt/.pth/.bin/.ckpt), not a {what}; "
+                              "use --names canonical")
+    if dtype is not None:
+        raise UsageError(out, "--dtype would change the stored values, and the safetensors mirror of a torch file "
+                              "keeps them exactly; add --names canonical to convert through wconv's model view")
+    plan = plan_mirror(src)
+    with atomic_path(out, force=force, inputs=[src], own_output=own_output("safetensors")) as tmp:
+        write_mirror(plan, tmp, quiet=quiet)
+    if plan.note():
+        warn(src, plan.note())
+    return "safetensors"
 
 
 def write_tokenizer_bin(src, out, *, force=False, loaded=None):

@@ -22,6 +22,7 @@ import struct
 from ..errors import FormatError, UnsupportedError
 from ..mapped import MAX_TOKENIZER_FILE, read_whole
 from ..model import Tokenizer
+from ..sniff import WHAT
 
 SPACE_MARK = "\u2581".encode("utf-8")
 BOS_TEXT, EOS_TEXT = b"\n<s>\n", b"\n</s>\n"
@@ -45,8 +46,6 @@ def export_pieces(tokenizer: Tokenizer) -> list[bytes]:
 def check_writable(tokenizer: Tokenizer) -> None:
     """Refuse, before anything is written, a vocabulary tokenizer.bin cannot hold."""
     if tokenizer.model != "llama":
-        from ..vocab import WHAT
-
         what = WHAT.get(tokenizer.kind, "a vocabulary")
         raise UnsupportedError(tokenizer.source or None, f"is {what} holding a byte-level BPE vocabulary "
                                                          f"({tokenizer.model!r}): llama2.c's tokenizer.bin holds only "

@@ -52,6 +52,7 @@ def storage_resolver(path):
             ctx.fail(f"storage view {vkey} reaches beyond storage {key}")
         st = Storage(vkey, root.dtype, nbytes, location, f"{base}:storage {key}[{off}:{off + size}]", path)
         st.fetch = lambda: root.data()[start:start + nbytes]
+        st.base, st.base_offset = root, start
         views[vkey] = st
         return st
 
@@ -99,6 +100,7 @@ def open_legacy(mf, path, allow_unknown_globals, limits):
         if st is None:
             raise FormatError(path, f"legacy torch file has data for storage {key} that nothing uses")
         st.fetch = _fetcher(mf, pos, st)
+        st.locate = (lambda at: lambda: at)(pos + 8)
         pos += 8 + st.nbytes
     mf.check_range(data_start, pos - data_start, "storage data")  # arithmetic only: reads nothing
     missing = [k for k in storages if k not in set(keys)]

@@ -19,7 +19,7 @@ from ..tensor import LazyTensor
 from .pickle_records import Global, GlobalSpec, Marker, UnknownGlobal, UnknownObject
 
 _MAX_DIM = 1 << 62
-_MAX_EXPAND_BYTES = 1 << 28  # materialising a zero-stride view may grow it up to this (or 16x storage)
+MAX_EXPAND_BYTES = 1 << 28  # materialising a zero-stride view may grow it up to this (or 16x storage)
 
 # --- dtypes --------------------------------------------------------------------------------
 
@@ -70,7 +70,8 @@ def has_numpy_form(dt: DType) -> bool:
 class Storage:
     """One torch storage: `nbytes` bytes named `key` in the file, fetched only on request."""
 
-    __slots__ = ("key", "dtype", "nbytes", "location", "source", "path", "big_endian", "fetch")
+    __slots__ = ("key", "dtype", "nbytes", "location", "source", "path", "big_endian", "fetch",
+                 "locate", "base", "base_offset")
 
     def __init__(self, key, dtype: DType, nbytes: int, location: str, source: str, path: str,
                  big_endian: bool = False):
@@ -82,6 +83,12 @@ class Storage:
         self.path = path
         self.big_endian = big_endian
         self.fetch = None  # () -> buffer of at least nbytes; set by the container reader
+        # Where the bytes lie, for copying them without numpy: `locate()` gives the file offset
+        # of byte 0 when they are stored uncompressed (else None); a legacy storage view has
+        # the root storage it is part of as `base`, at byte `base_offset` (views share bytes).
+        self.locate = lambda: None
+        self.base = self
+        self.base_offset = 0
 
     def data(self):
         if self.fetch is None:
@@ -101,7 +108,7 @@ def _is_contiguous(shape, strides) -> bool:
     return True
 
 
-def _negate(arr: np.ndarray, dt: DType) -> np.ndarray:
+def negate(arr: np.ndarray, dt: DType) -> np.ndarray:
     # torch's neg bit: the stored values are the negation of the tensor's values.
     if dt is dtypes.BF16:
         return arr ^ np.uint16(0x8000)
@@ -130,7 +137,7 @@ def _load_view(storage: Storage, dt: DType, offset: int, shape: tuple, strides: 
     if _is_contiguous(shape, strides):
         arr = elems[offset:offset + n].reshape(shape)
     else:
-        if n * itemsize > max(16 * storage.nbytes, _MAX_EXPAND_BYTES):
+        if n * itemsize > max(16 * storage.nbytes, MAX_EXPAND_BYTES):
             raise UnsupportedError(storage.path, f"{storage.source}: expanded tensor view of shape {list(shape)} "
                                                  f"would need {n * itemsize} bytes from a {storage.nbytes}-byte storage")
         view = np.lib.stride_tricks.as_strided(elems[offset:], shape, [s * itemsize for s in strides],
@@ -139,22 +146,44 @@ def _load_view(storage: Storage, dt: DType, offset: int, shape: tuple, strides: 
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if neg:
-        arr = _negate(arr, dt)
+        arr = negate(arr, dt)
     if conj and np.iscomplexobj(arr):
         arr = np.conj(arr)
     return arr
 
 
-def _loader(storage, dt, offset, shape, strides, conj, neg):
-    def load():
+class StorageView:
+    """A tensor's loader, keeping the view it reads: `storage`, element `offset`, `shape`,
+    element `strides`, and torch's conj/neg bits (the safetensors mirror reads these to
+    find tensors sharing bytes and to copy contiguous ones without numpy)."""
+
+    __slots__ = ("storage", "dtype", "offset", "shape", "strides", "conj", "neg")
+
+    def __init__(self, storage: Storage, dt: DType, offset: int, shape: tuple, strides: tuple,
+                 conj: bool, neg: bool):
+        self.storage, self.dtype, self.offset = storage, dt, offset
+        self.shape, self.strides, self.conj, self.neg = shape, strides, conj, neg
+
+    @property
+    def contiguous(self) -> bool:
+        return _is_contiguous(self.shape, self.strides)
+
+    def byte_span(self) -> tuple[int, int]:
+        """[begin, end) of the bytes this view touches, relative to its base storage."""
+        size = self.dtype.itemsize
+        begin = self.storage.base_offset + self.offset * size
+        if math.prod(self.shape) == 0:
+            return begin, begin
+        last = self.offset + sum((s - 1) * st for s, st in zip(self.shape, self.strides))
+        return begin, self.storage.base_offset + (last + 1) * size
+
+    def __call__(self) -> np.ndarray:
         try:
-            return _load_view(storage, dt, offset, shape, strides, conj, neg)
+            return _load_view(self.storage, self.dtype, self.offset, self.shape, self.strides, self.conj, self.neg)
         except WconvError:
             raise
         except (OSError, ValueError, TypeError, BufferError) as e:
-            raise FormatError(storage.path, f"{storage.source}: cannot read tensor data: {e}") from None
-
-    return load
+            raise FormatError(self.storage.path, f"{self.storage.source}: cannot read tensor data: {e}") from None
 
 
 # --- rebuild handlers (called by the pickle interpreter) -----------------------------------
@@ -191,7 +220,7 @@ def make_tensor(ctx, storage, offset, size, stride, dt: DType, metadata=None) ->
         if (last + 1) * dt.itemsize > storage.nbytes:
             ctx.fail(f"tensor view (offset {offset}, size {list(shape)}, stride {list(strides)}, {dt.name}) "
                      f"reaches beyond its storage {storage.key} of {storage.nbytes} bytes")
-    return LazyTensor("", dt, shape, _loader(storage, dt, offset, shape, strides, conj, neg),
+    return LazyTensor("", dt, shape, StorageView(storage, dt, offset, shape, strides, conj, neg),
                       source=storage.source, storage_key=(storage.path, storage.key))
 
 

@@ -1,4 +1,4 @@
-"""LazyTensor.float32_chunks: the pieces concatenate to float32() for every stored type."""
+"""wconv.tensor.LazyTensor. float32_chunks: the pieces concatenate to float32() for every stored type."""
 from __future__ import annotations
 
 import numpy as np
