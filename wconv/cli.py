@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__, arch
+from . import __version__, arch, codecs
 from .errors import WconvError
 
 
@@ -87,6 +87,9 @@ def _llama2c_options(fn):
 
 _force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+_threads = click.option("--threads", type=click.IntRange(min=1),
+                        help="Threads encoding tensor data (default: the machine's cores). Output is "
+                             "byte-identical whatever the count.")
 _tok = click.option("--tokenizer", type=click.Path(dir_okay=False),
                     help="Tokenizer to embed / write, recognised by content: sentencepiece or Meta tiktoken "
                          "tokenizer.model, HF tokenizer.json (+ tokenizer_config.json beside it), vocab.json or "
@@ -118,22 +121,24 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "llama2c", "ggjt", "hf"]),
               help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt). "
                    "hf: a Hugging Face model directory OUT (config.json + safetensors) transformers loads.")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
-              help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16). "
-                   "1-D tensors stay f32 in GGUF.")
+@click.option("--dtype", type=click.Choice(codecs.options(ggml=True)),
+              help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16; "
+                   "ggjt: no bf16). 1-D tensors stay f32 in GGUF.")
 @click.option("--max-shard-size", help="--to hf: split the weights into shards of at most this size "
                                        "(e.g. 5GB, the default, or 500MB) with model.safetensors.index.json.")
 @_llama2c_options
 @_tok
 @_force
 @_quiet
-def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+@_threads
+def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_seq_len, tokenizer, force, quiet,
+            threads):
     """Convert SRC (any readable format) to OUT."""
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to=to, dtype=dtype, version=bin_version, group_size=group_size,
                max_seq_len=max_seq_len, max_shard_size=max_shard_size, tokenizer=tokenizer, force=force,
-               quiet=quiet)
+               quiet=quiet, threads=threads)
 
 
 @main.command("pth-to-bin")
@@ -143,12 +148,13 @@ def convert(src, out, to, dtype, max_shard_size, bin_version, group_size, max_se
 @_tok
 @_force
 @_quiet
-def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet):
+@_threads
+def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet, threads):
     """Export a Llama checkpoint (Meta dir, .pth, ckpt.pt, HF dir) to a llama2.c .bin."""
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to="llama2c", version=bin_version, group_size=group_size,
-               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet)
+               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet, threads=threads)
 
 
 @main.command("tokenizer-to-bin")

@@ -61,7 +61,9 @@ def own_output(fmt: str):
     return check
 
 
-def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
+def save(model, out, *, to=None, force=False, quiet=False, threads=None, **options) -> str:
+    """Write `model` to `out` (format from `to` or the extension); threads: encoding threads
+    (default: the machine's cores, wconv.parallel.default_workers)."""
     fmt = format_for(os.fspath(out), to)
     module_name, fn = WRITERS[fmt]
     module = importlib.import_module(module_name)
@@ -73,7 +75,7 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
         module.check_options(model, out, **options)
     target = atomic_dir if fmt in DIRECTORY_FORMATS else atomic_path
     with target(out, force=force, inputs=input_files(model), own_output=own_output(fmt)) as tmp:
-        writer(model, tmp, quiet=quiet, **options)
+        writer(model, tmp, quiet=quiet, threads=threads, **options)
     return fmt
 
 
@@ -91,7 +93,7 @@ FORMAT_OPTIONS = {
 TOKENIZER_FORMATS = {"gguf", "ggjt", "llama2c", "hf"}
 
 
-def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
+def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, threads=None, **options) -> str:
     fmt = format_for(os.fspath(out), to)
     given = {k: v for k, v in options.items() if v is not None}
     for name in given:
@@ -117,7 +119,9 @@ def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **op
         from ..formats.llama2c_tokenizer import check_writable
 
         check_writable(model.tokenizer)
-    save(model, out, to=fmt, force=force, quiet=quiet, **options)
+    if threads is not None and threads < 1:
+        raise UsageError(out, f"--threads must be at least 1, got {threads}")
+    save(model, out, to=fmt, force=force, quiet=quiet, threads=threads, **options)
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)
     return fmt

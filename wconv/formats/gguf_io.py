@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import arch, quant
+from .. import arch, quant, stream
 from ..arch.family import Problems
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -367,7 +367,8 @@ def read(path, *, strict: bool = True) -> Model:
             raise UnsupportedError(path, f"tensor {info.name}: quantised tensors in big-endian GGUF are not supported")
         tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
                                         _tensor_loader(path, size, info, h.endian), source=f"{base}:{info.name}",
-                                        storage_key=(path, info.offset))
+                                        storage_key=(path, info.offset),
+                                        span=(path, info.offset, info.nbytes) if h.endian == "<" else None)
 
     metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(h.tensors), "GGUF.kv_count": len(h.kv),
                 "_input_files": [path], "_arch_source": f"declared by GGUF general.architecture ({arch_name!r})"}
@@ -517,8 +518,8 @@ def _model_name(model: Model) -> str:
 
 
 def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
-          max_seq_len: int | None = None) -> list:
-    """Write `model` as GGUF v3 to `tmp_path`, one tensor in memory at a time.
+          max_seq_len: int | None = None, threads: int | None = None) -> list:
+    """Write `model` as GGUF v3 to `tmp_path`, streaming the tensor data (wconv.stream).
 
     Returns the list of notes (type fallbacks, padding...), also printed to stderr.
     """
@@ -562,18 +563,19 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     w.write_header_to_file(Path(tmp_path))
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    try:
-        with progress(sum(tensors[n].nbytes for n in names), "writing GGUF", quiet=quiet) as bar:
-            for n in names:
-                t, dt = tensors[n], plan.types[n]
-                arr = quant.encode(t, dt)
-                if quant.overflowed(t, dt, arr):
-                    notes.append(f"{n}: values beyond the F16 range became infinities")
-                w.write_tensor_data(arr)
-                del arr
-                bar.update(t.nbytes, n)
-    finally:
-        w.close()
+    alignment = w.data_alignment
+    w.close()
+    # gguf-py wrote header, metadata and tensor infos; the data section is ours: each tensor at
+    # the offset its info declares (padded to the alignment), copied or encoded piecewise.
+    jobs = [(tensors[n], plan.types[n]) for n in names]
+    with open(tmp_path, "r+b") as f, \
+            progress(sum(t.nbytes for t, _ in jobs), "writing GGUF", quiet=quiet) as bar:
+        f.seek(0, os.SEEK_END)
+        results = stream.write_tensors(f, jobs, threads=threads, before=lambda i: stream.pad(f, alignment),
+                                       after=lambda i: (stream.pad(f, alignment),
+                                                        bar.update(jobs[i][0].nbytes, names[i])))
+    notes += [f"{n}: values beyond the F16 range became infinities"
+              for n, r in zip(names, results) if r.overflowed]
     for note in notes:
         warn(where, note)
     return notes

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from .. import arch, dtypes
+from .. import arch, dtypes, stream
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -113,7 +113,8 @@ def read(path) -> tuple[dict, dict]:
     tensors = {}
     for name, e in ordered:
         tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(path, size, data_start, name, e),
-                                   f"{base}:{name}", (path, "safetensors", data_start + e["begin"]))
+                                   f"{base}:{name}", (path, "safetensors", data_start + e["begin"]),
+                                   span=(path, data_start + e["begin"], e["end"] - e["begin"]))
     return tensors, metadata
 
 
@@ -143,16 +144,6 @@ def _out_dtype(t: LazyTensor, requested: DType | None) -> DType:
     if t.dtype.quantized or t.dtype.name.startswith("F8_"):
         return dtypes.F32  # no safetensors form: store the dequantised values
     raise UnsupportedError(t.source or t.name, f"tensor {t.name}: dtype {t.dtype} cannot be stored in safetensors")
-
-
-def _pieces(t: LazyTensor, out: DType):
-    """Tensor `t` stored as `out`, as C-contiguous arrays: whole when no conversion is needed
-    (often a zero-copy map), else in bounded pieces so temporaries stay small."""
-    if out is t.dtype:
-        yield np.ascontiguousarray(t.raw())
-        return
-    for piece in t.float32_chunks():
-        yield dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
 
 
 def _hf_plan(model) -> list:
@@ -189,8 +180,9 @@ def hf_config(model) -> dict:
         raise UnsupportedError(model.path or None, e.message) from None
 
 
-def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical") -> None:
-    """Stream `model` to `tmp_path`: header first, then one tensor's bytes at a time."""
+def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical",
+          threads: int | None = None) -> None:
+    """Stream `model` to `tmp_path`: header first, then the tensors' bytes (wconv.stream)."""
     requested = None
     if dtype is not None:
         requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), tmp_path, "safetensors output")
@@ -214,15 +206,5 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
     with open(tmp_path, "wb") as f, progress(offset, "writing safetensors", quiet=quiet) as bar:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for out_name, t, out, nbytes in items:
-            written = 0
-            for arr in _pieces(t, out):
-                if arr.dtype.byteorder == ">":
-                    arr = arr.astype(arr.dtype.newbyteorder("<"))
-                data = arr.reshape(-1).view(np.uint8)  # zero-copy bytes, also for 0-d and empty tensors
-                f.write(data)
-                written += len(data)
-                del arr, data
-            if written != nbytes:
-                raise FormatError(t.source or t.name, f"tensor {t.name}: produced {written} bytes, expected {nbytes}")
-            bar.update(nbytes)
+        stream.write_tensors(f, [(t, out) for _, t, out, _ in items], threads=threads,
+                             after=lambda i: bar.update(items[i][3]))

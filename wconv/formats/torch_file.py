@@ -89,6 +89,7 @@ def zip_storages(zf, folder: str, path, *, big_endian: bool = False):
             ctx.fail(f"tensor data '{where}/{key}' has {member.size} bytes, its storage needs {nbytes}")
         st = Storage(key, dt, nbytes, location, f"{base}:{where}/{key}", path, big_endian)
         st.fetch = lambda: zf.view(member)
+        st.file_offset = lambda: zf.stored_offset(member)
         storages[key] = st
         return st
 

@@ -70,7 +70,7 @@ def has_numpy_form(dt: DType) -> bool:
 class Storage:
     """One torch storage: `nbytes` bytes named `key` in the file, fetched only on request."""
 
-    __slots__ = ("key", "dtype", "nbytes", "location", "source", "path", "big_endian", "fetch")
+    __slots__ = ("key", "dtype", "nbytes", "location", "source", "path", "big_endian", "fetch", "file_offset")
 
     def __init__(self, key, dtype: DType, nbytes: int, location: str, source: str, path: str,
                  big_endian: bool = False):
@@ -82,6 +82,8 @@ class Storage:
         self.path = path
         self.big_endian = big_endian
         self.fetch = None  # () -> buffer of at least nbytes; set by the container reader
+        # () -> offset of the bytes in `path` if stored there uncompressed, else None; set by the reader
+        self.file_offset = None
 
     def data(self):
         if self.fetch is None:
@@ -192,7 +194,21 @@ def make_tensor(ctx, storage, offset, size, stride, dt: DType, metadata=None) ->
             ctx.fail(f"tensor view (offset {offset}, size {list(shape)}, stride {list(strides)}, {dt.name}) "
                      f"reaches beyond its storage {storage.key} of {storage.nbytes} bytes")
     return LazyTensor("", dt, shape, _loader(storage, dt, offset, shape, strides, conj, neg),
-                      source=storage.source, storage_key=(storage.path, storage.key))
+                      source=storage.source, storage_key=(storage.path, storage.key),
+                      span=_span(storage, dt, offset, shape, strides, conj or neg))
+
+
+def _span(storage, dt: DType, offset: int, shape: tuple, strides: tuple, changed: bool):
+    """The tensor's file range, resolved on request, when its bytes are the stored bytes as they are."""
+    if (changed or storage.file_offset is None or not has_numpy_form(dt) or not _is_contiguous(shape, strides)
+            or (storage.big_endian and dt.itemsize > 1)):
+        return None
+    n = math.prod(shape)
+
+    def span():
+        start = storage.file_offset()
+        return None if start is None else (storage.path, start + offset * dt.itemsize, n * dt.itemsize)
+    return span
 
 
 def _storage_dtype(storage) -> DType:

@@ -254,6 +254,11 @@ class ZipArchive:
             raise UnsupportedError(self.path, f"zip member '{m.name}' uses compression method {m.method} "
                                               "(only stored and deflate are supported)")
 
+    def stored_offset(self, m: ZipMember) -> int | None:
+        """File offset of a stored (uncompressed) member's data, None if it is compressed."""
+        self._check_method(m)
+        return self.data_offset(m) if m.method == 0 else None
+
     def view(self, m: ZipMember):
         """Member data: a zero-copy view if stored, else decompressed bytes (bounded by its size)."""
         self._check_method(m)
