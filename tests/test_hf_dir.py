@@ -306,7 +306,7 @@ def test_one_source_tensor_alive_at_a_time(tmp_path, threads, most):
 
     model.tensors = {n: wrap(t) for n, t in model.tensors.items()}
     save(model, tmp_path / "hf", to="hf", max_shard_size="30KB", quiet=True, threads=threads)
-    assert peak[0] == most
+    assert 1 <= peak[0] <= most
 
 
 # --- atomicity ----------------------------------------------------------------------------------

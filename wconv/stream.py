@@ -86,6 +86,7 @@ def write_tensors(f, jobs, *, threads: int | None = None, before=None, after=Non
             f.write(memoryview(data))
             r.nbytes += data.nbytes
             r.overflowed |= overflow
+            del data
         del out
         if piece.last:
             _check(jobs[i], r)
@@ -114,13 +115,12 @@ def _run(piece: _Piece):
         return piece, None
     if piece.kind == "bytes":
         return piece, (piece.data, False)
-    src, target = piece.data[1], piece.data[2]
-    raw = piece.data[0]()
-    values = codecs.get(src).decode(raw).reshape(piece.rows)
-    del raw
-    out = codecs.get(target).encode(values)
-    overflow = target is dtypes.F16 and src is not dtypes.F16 and bool(np.isinf(out).any()) \
-        and not bool(np.isinf(values).any())
+    load, src, target = piece.data
+    raw = load()
+    out = codecs.converter(src, target)(raw, piece.rows)
+    overflow = False
+    if target is dtypes.F16 and src is not dtypes.F16 and np.isinf(out).any():
+        overflow = not np.isinf(codecs.get(src).decode(raw)).any()  # (rare: then look closer)
     return piece, (out.view(np.uint8), overflow)
 
 
