@@ -10,8 +10,9 @@ derive from this table.
 Encoders work on whole-row pieces (a 2-D float32 array, rows of the tensor) so a writer
 can convert a tensor a few megabytes at a time on several threads; quantised types need
 each row to be a whole number of blocks. GGML's legacy quantisers (Q8_0, Q4_0, Q4_1,
-Q5_0, Q5_1) come from gguf-py, which tests/test_codecs.py checks byte for byte against
-ggml's own `ggml_quantize_chunk`. Other modules add encoders with `register_encoder`
+Q5_0, Q5_1) are wconv.blockquant's, which tests/test_codecs.py checks byte for byte against
+ggml's own `ggml_quantize_chunk` and gguf-py's (gguf-py differs from ggml on NaN, infinity
+and all -0.0 blocks, and is slower). Other modules add encoders with `register_encoder`
 (wconv.kquants adds Q2_K..Q6_K this way); `load_plugins` imports those modules.
 """
 from __future__ import annotations
@@ -111,18 +112,11 @@ def _to_bf16(rows):
     return dtypes.f32_to_bf16(rows)  # nearest-even, NaN kept quiet: ggml_compute_fp32_to_bf16
 
 
-def _q8_0(rows):
-    from .q8_0 import quantize  # gguf-py's algorithm, 7x faster; same bytes
-
-    return quantize(rows)
-
-
-def _gguf_quantizer(name: str) -> Callable:
+def _block_quantizer(name: str) -> Callable:
     def encode(rows):
-        from gguf import GGMLQuantizationType
-        from gguf.quants import quantize
+        from .blockquant import quantize  # ggml's reference algorithms, bit-exact
 
-        return quantize(rows, GGMLQuantizationType[name]).view(np.uint8)
+        return quantize(rows, name)
     encode.__name__ = f"encode_{name.lower()}"
     return encode
 
@@ -135,11 +129,11 @@ _TABLE = [
     Codec(dtypes.F32, 0, 0, frozenset({"F16", "BF16"}) | _F8, _to_f32),
     Codec(dtypes.F16, 1, 1, _F8, _to_f16),
     Codec(dtypes.BF16, 30, 32, _F8, _to_bf16),
-    Codec(dtypes.Q8_0, 8, 7, encoder=_q8_0),
-    Codec(dtypes.Q4_0, 2, 2, encoder=_gguf_quantizer("Q4_0")),
-    Codec(dtypes.Q4_1, 3, 3, encoder=_gguf_quantizer("Q4_1")),
-    Codec(dtypes.Q5_0, 6, 8, encoder=_gguf_quantizer("Q5_0")),
-    Codec(dtypes.Q5_1, 7, 9, encoder=_gguf_quantizer("Q5_1")),
+    Codec(dtypes.Q8_0, 8, 7, encoder=_block_quantizer("Q8_0")),
+    Codec(dtypes.Q4_0, 2, 2, encoder=_block_quantizer("Q4_0")),
+    Codec(dtypes.Q4_1, 3, 3, encoder=_block_quantizer("Q4_1")),
+    Codec(dtypes.Q5_0, 6, 8, encoder=_block_quantizer("Q5_0")),
+    Codec(dtypes.Q5_1, 7, 9, encoder=_block_quantizer("Q5_1")),
     Codec(dtypes.Q2_K, 10, 10),
     Codec(dtypes.Q3_K, 11, 12),
     Codec(dtypes.Q4_K, 12, 15),
