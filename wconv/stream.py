@@ -58,9 +58,10 @@ def pad(f, alignment: int) -> None:
 
 
 def write_tensors(f, jobs, *, threads: int | None = None, before=None, after=None,
-                  piece_elements: int = PIECE_ELEMENTS) -> list:
+                  piece_elements: int | None = None) -> list:
     """Write each (tensor, target DType) of `jobs` to the binary file `f`; a Result per job."""
     jobs = list(jobs)
+    piece_elements = piece_elements or PIECE_ELEMENTS
     results = [Result() for _ in jobs]
     threads = default_workers() if threads is None else max(1, int(threads))
     started = -1
