@@ -7,7 +7,7 @@ DType). For each tensor, in order:
   copied by the kernel (wconv.mapped.copy_range); the data never enters this process;
 - same type, computed bytes (a permutation, a shard merge): the stored-form array, written
   in slices;
-- anything else: pieces of whole rows (at most PIECE_ELEMENTS values, 16 MB of float32)
+- anything else: pieces of whole rows (at most PIECE_ELEMENTS values, 8 MB of float32)
   are decoded to float32 and encoded as the target (wconv.codecs) on a small thread pool
   (wconv.parallel.ordered_map) while the calling thread writes the previous pieces. Pieces
   of a tensor with a file span are mapped one at a time, so neither a float32 copy of a
@@ -29,7 +29,7 @@ from . import codecs, dtypes
 from .mapped import copy_range, map_array
 from .parallel import default_workers, ordered_map
 
-PIECE_ELEMENTS = 1 << 22  # float32 values per encoded piece: 16 MB of float32
+PIECE_ELEMENTS = 1 << 21  # float32 values per encoded piece: 8 MB of float32
 COPY_SLICE = 64 << 20  # bytes per write of an unchanged, computed tensor
 
 
