@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -118,7 +119,9 @@ def _tree_peak(pid, peak):
 
 
 def measure(cmd: list, env=None) -> dict:
-    """Run cmd; wall seconds, peak VmHWM and peak anonymous RSS (bytes, children summed)."""
+    """Run cmd; wall seconds, CPU seconds (user + system, its whole process tree), peak VmHWM
+    and peak anonymous RSS (bytes, children summed)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     peak = {"RssAnon": 0, "VmHWM": 0}
@@ -135,9 +138,11 @@ def measure(cmd: list, env=None) -> dict:
     secs = time.perf_counter() - t0
     done.set()
     th.join()
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-1500:]}")
-    return {"seconds": secs, "hwm": peak["VmHWM"], "anon": peak["RssAnon"]}
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"seconds": secs, "cpu": cpu, "hwm": peak["VmHWM"], "anon": peak["RssAnon"]}
 
 
 def _remove(path):
@@ -157,7 +162,7 @@ class Bench:
     def __init__(self, workdir, repeat):
         self.workdir, self.repeat, self.rows = workdir, repeat, []
 
-    def run(self, label, group, cmd, out=None, *, input_bytes, env=None, keep=False):
+    def run(self, label, group, cmd, out=None, *, input_bytes, env=None):
         """Measure cmd (best wall time of `repeat` runs, highest peaks); out is removed before each run."""
         best = None
         for _ in range(self.repeat):
@@ -173,15 +178,14 @@ class Bench:
             if best is None:
                 best = m
             else:
-                best = {"seconds": min(best["seconds"], m["seconds"]), "hwm": max(best["hwm"], m["hwm"]),
-                        "anon": max(best["anon"], m["anon"])}
+                best = {"seconds": min(best["seconds"], m["seconds"]), "cpu": min(best["cpu"], m["cpu"]),
+                        "hwm": max(best["hwm"], m["hwm"]), "anon": max(best["anon"], m["anon"])}
         row = {"label": label, "group": group, "input_bytes": input_bytes, **best,
                "output_bytes": _size(out) if out and os.path.exists(out) else 0}
         self.rows.append(row)
-        print(f"  {label:<44} {best['seconds']:7.2f} s  {input_bytes / MB / best['seconds']:7.0f} MB/s  "
+        print(f"  {label:<44} {best['seconds']:7.2f} s  cpu {best['cpu']:6.2f} s  "
+              f"{input_bytes / MB / best['seconds']:7.0f} MB/s  "
               f"peak {best['hwm'] / MB:6.0f} MB  anon {best['anon'] / MB:6.0f} MB", flush=True)
-        if out and not keep:
-            pass  # kept until the next run of the same output name; removed at the end
         return row
 
 
@@ -277,7 +281,7 @@ def main():
                     cases.append((f"llama.cpp convert_hf_to_gguf {kind} -> {dt}", kind,
                                   [PY, hf_conv, src, "--outtype", dt, "--outfile", out(f"h-{dt}.gguf")],
                                   out(f"h-{dt}.gguf"), size, env))
-    for case in cases:
+    for i, case in enumerate(cases):
         label, group, cmd, dst, size = case[:5]
         env = case[5] if len(case) > 5 else None
         if not wanted(label):
@@ -288,6 +292,8 @@ def main():
                 continue
             size = os.path.getsize(src_file)
         b.run(label, group, cmd, dst, input_bytes=size, env=env)
+        if dst and not any(dst in later[2] for later in cases[i + 1:]):
+            _remove(dst)  # outputs go as soon as no later case reads them (a tmpfs workdir is RAM)
     report = write_results(args, b.rows, load_before, in_meta, in_hf)
     print()
     print(report)
@@ -316,8 +322,9 @@ def write_results(args, rows, load_before, in_meta, in_hf) -> str:
               "times are wall clock, best of the repeats)",
               f"- inputs: Llama-2-7B shapes with {args.layers} layers, bf16: Meta .pth {in_meta / MB:.0f} MB, "
               f"HF dir {in_hf / MB:.0f} MB; warm page cache; outputs on the same filesystem", ""]
-    lines += ["| conversion | wall s | MB/s (input) | peak RSS MB | peak anon MB | × cp time | vs llama.cpp |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| conversion | wall s | CPU s (user+sys) | MB/s (input) | peak RSS MB | peak anon MB | × cp time "
+              "| vs llama.cpp (wall; peak RSS) |",
+              "|---|---|---|---|---|---|---|---|"]
     anchors = {}
     for kind in ("Meta", "HF"):
         for dt in ("bf16", "f16", "q8_0"):
@@ -327,7 +334,7 @@ def write_results(args, rows, load_before, in_meta, in_hf) -> str:
                 anchors[(kind, dt)] = min(cands, key=lambda r: r["seconds"])
     for r in rows:
         if "failed" in r:
-            lines.append(f"| {r['label']} | failed: {r['failed'][:120].replace('|', '/')} | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['failed'][:120].replace('|', '/')} | | | | | | |")
             continue
         cp = _find(rows, f"cp {r['group']} input")
         x_cp = f"{r['seconds'] / cp['seconds']:.2f}" if cp and r is not cp else ""
@@ -336,7 +343,7 @@ def write_results(args, rows, load_before, in_meta, in_hf) -> str:
             a = anchors.get((r["group"], dt))
             if a and r["label"].startswith("wconv") and r["label"].endswith(f"GGUF {dt}"):
                 vs = f"{a['seconds'] / r['seconds']:.1f}× faster, {a['hwm'] / max(r['hwm'], 1):.1f}× less peak"
-        lines.append(f"| {r['label']} | {r['seconds']:.2f} | {r['input_bytes'] / MB / r['seconds']:.0f} | "
+        lines.append(f"| {r['label']} | {r['seconds']:.2f} | {r['cpu']:.2f} | {r['input_bytes'] / MB / r['seconds']:.0f} | "
                      f"{r['hwm'] / MB:.0f} | {r['anon'] / MB:.0f} | {x_cp} | {vs} |")
     lines += ["", "## Issue 9 targets", ""]
     lines += _targets(rows, anchors)

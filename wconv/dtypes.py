@@ -95,7 +95,10 @@ def from_option(value, allowed: tuple, where, what: str) -> DType:
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16) to float32: bf16 is the top half of an f32."""
-    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raw = np.asarray(raw, dtype=np.uint16)
+    out = np.empty(raw.shape, dtype=np.uint32)
+    np.left_shift(raw, 16, out=out, dtype=np.uint32)  # one pass, no uint32 temporary
+    return out.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:

@@ -119,10 +119,16 @@ def _run(piece: _Piece):
     load, src, target = piece.data
     raw = load()
     out = codecs.converter(src, target)(raw, piece.rows)
-    overflow = False
-    if target is dtypes.F16 and src is not dtypes.F16 and np.isinf(out).any():
-        overflow = not np.isinf(codecs.get(src).decode(raw)).any()  # (rare: then look closer)
+    overflow = target is dtypes.F16 and src is not dtypes.F16 and _f16_overflow(out, src, raw)
     return piece, (out.view(np.uint8), overflow)
+
+
+def _f16_overflow(out: np.ndarray, src, raw) -> bool:
+    """True if finite source values became F16 infinities in `out`."""
+    # One fast pass first: the largest magnitude field; only inf/NaN patterns reach 0x7C00.
+    if int(np.bitwise_and(out.view(np.uint16), 0x7FFF).max(initial=0)) < 0x7C00:
+        return False
+    return bool(np.isinf(out).any()) and not bool(np.isinf(codecs.get(src).decode(raw)).any())
 
 
 def _pieces(jobs, piece_elements: int):
