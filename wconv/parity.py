@@ -45,7 +45,7 @@ import types
 
 import numpy as np
 
-from . import arch, codecs, dtypes
+from . import arch, codecs
 from .errors import UsageError
 from .model import Model
 from .reference import check_tokens, forward
