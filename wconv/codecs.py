@@ -58,6 +58,8 @@ class Codec:
     def encode(self, rows: np.ndarray) -> np.ndarray:
         """float32 rows (2-D, C order) as this type's bytes: a flat little-endian array."""
         if self.encoder is None:
+            load_plugins()
+        if self.encoder is None:
             raise ValueError(f"wconv cannot write element type {self.name}")
         rows = np.asarray(rows, dtype=np.float32)
         if rows.ndim != 2:
@@ -184,7 +186,8 @@ _plugins_loaded = False
 
 
 def load_plugins() -> None:
-    """Import the modules in PLUGINS that exist and register their ENCODERS (once)."""
+    """Import the modules in PLUGINS that exist and register their ENCODERS (once) for the
+    types that have none yet."""
     global _plugins_loaded
     if _plugins_loaded:
         return
@@ -197,7 +200,9 @@ def load_plugins() -> None:
                 raise
             continue
         for name, fn in getattr(module, "ENCODERS", {}).items():
-            register_encoder(name, fn)
+            # The table's own encoders (checked against ggml) stay; plugins fill the gaps.
+            if name in CODECS and CODECS[name].encoder is None:
+                register_encoder(name, fn)
 
 
 def writable(*, ggml: bool = False) -> list[Codec]:
