@@ -1,26 +1,38 @@
-"""Benchmark: wconv pth-to-bin vs the obvious alternative (torch.load + llama2.c-style export).
+"""Benchmark: wconv's conversions next to `cp`, the torch route and llama.cpp's own converters.
 
-Makes synthetic Meta-layout Llama checkpoints (bf16, like Meta's releases) of
-growing size with real torch.save, then converts each to a llama2.c v0 .bin in
-two ways, each in its own subprocess, in the same run:
+One command, one session, the same generated files. It makes a Llama-2-7B-shaped bf16
+checkpoint (dim 4096, hidden 11008, vocab 32000, 32 heads; --layers 2 gives ~1.27 GB, 32 the
+full 13.5 GB) as a Meta directory (consolidated.00.pth, params.json, tokenizer.model), then
+an HF directory from it with wconv, and measures, each in its own process:
 
-  wconv:  `wconv pth-to-bin DIR OUT.bin`
-  torch:  torch.load(..., map_location="cpu") of every shard, then write each
-          tensor as fp32 in llama2.c's order (what llama2.c's export.py does)
+  cp                    the input file (the throughput anchor), and cp of outputs where a
+                        target compares with "cp of a file that size"
+  wconv inspect         header-only read
+  wconv -> GGUF         bf16 (same type: kernel copy for Meta input), f16, q8_0
+  wconv -> llama2.c v0  fp32 (pth-to-bin)
+  wconv -> safetensors  and -> HF directory
+  wconv GGUF q8_0 -> GGUF (same type all the way)
+  torch route           torch.load(mmap=True) + safetensors.torch.save_file (if torch imports)
+  llama.cpp             convert_legacy_llama.py (Meta input) and convert_hf_to_gguf.py
+                        (HF input) to f16/q8_0 (and bf16 for the HF converter), with --llama-cpp DIR;
+                        the legacy converter runs on the Meta input only (its q8_0 run peaks near 20 GB)
 
-and prints wall time, peak anonymous RSS (private memory, sampled from
-/proc/PID/status every 20 ms) and VmHWM (peak RSS including file-backed mmap
-pages, which the kernel can drop at any time), with ratios torch/wconv.
-wconv's peak private memory should stay flat as the model grows.
+For each: wall time, MB/s of the input, peak RSS (VmHWM: what the OS reports, mapped file
+pages included), peak anonymous RSS, and ratios to cp and to the llama.cpp anchor. Results
+go to stdout and to a Markdown file (--results, default bench/RESULTS.md) with the machine
+description and the issue-9 targets checked.
 
-Needs the test extra (torch). Usage:
-    .venv/bin/python bench/bench_convert.py [--sizes-mb 256,1024] [--workdir /tmp/wconv-bench]
+Needs the test extra (torch) to generate the checkpoint. Usage:
+    .venv/bin/python bench/bench_convert.py --llama-cpp /path/to/llama.cpp \\
+        [--layers 2] [--workdir /tmp/wconv-bench] [--repeat 1] [--keep]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,77 +41,54 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 PY = sys.executable
+# This checkout's wconv (PYTHONPATH is set to it in main), whatever an installed `wconv` points at.
+WCONV = [PY, "-m", "wconv.cli"]
+DEFAULT_TOKENIZER = os.path.join(ROOT, "..", "shared", "realdata", "llama2c", "tokenizer.model")
+MB = 1 << 20
+
+DIM, HIDDEN, VOCAB, HEADS = 4096, 11008, 32000, 32
 
 
-def make_checkpoint(directory: str, target_mb: int) -> dict:
-    """A Meta-layout bf16 checkpoint of about target_mb MB (dim 1024, vocab 32000), or
-    with target_mb 0 one shaped exactly like Llama 2 7B (dim 4096, 32 layers: 13.5 GB)."""
+def make_meta(directory: str, n_layers: int, tokenizer: str) -> None:
+    """A Meta-layout bf16 checkpoint with Llama 2 7B shapes and `n_layers` layers."""
     import torch
 
-    if target_mb == 0:
-        dim, hidden, vocab, n_heads, n_layers = 4096, 11008, 32000, 32, 32
-    else:
-        dim, hidden, vocab, n_heads = 1024, 2816, 32000, 16
-        per_layer = (4 * dim * dim + 3 * dim * hidden + 2 * dim) * 2
-        fixed = (2 * vocab * dim + dim) * 2
-        n_layers = max(1, (target_mb * 2**20 - fixed) // per_layer)
     os.makedirs(directory, exist_ok=True)
     g = torch.Generator().manual_seed(0)
 
     def w(*shape):
         return (torch.randn(*shape, generator=g) / shape[-1] ** 0.5).to(torch.bfloat16)
 
-    sd = {"tok_embeddings.weight": w(vocab, dim)}
+    sd = {"tok_embeddings.weight": w(VOCAB, DIM)}
     for i in range(n_layers):
         p = f"layers.{i}."
-        sd[p + "attention.wq.weight"] = w(dim, dim)
-        sd[p + "attention.wk.weight"] = w(dim, dim)
-        sd[p + "attention.wv.weight"] = w(dim, dim)
-        sd[p + "attention.wo.weight"] = w(dim, dim)
-        sd[p + "feed_forward.w1.weight"] = w(hidden, dim)
-        sd[p + "feed_forward.w2.weight"] = w(dim, hidden)
-        sd[p + "feed_forward.w3.weight"] = w(hidden, dim)
-        sd[p + "attention_norm.weight"] = torch.ones(dim, dtype=torch.bfloat16)
-        sd[p + "ffn_norm.weight"] = torch.ones(dim, dtype=torch.bfloat16)
-    sd["norm.weight"] = torch.ones(dim, dtype=torch.bfloat16)
-    sd["output.weight"] = w(vocab, dim)
+        for name in ("wq", "wk", "wv", "wo"):
+            sd[p + f"attention.{name}.weight"] = w(DIM, DIM)
+        sd[p + "feed_forward.w1.weight"] = w(HIDDEN, DIM)
+        sd[p + "feed_forward.w2.weight"] = w(DIM, HIDDEN)
+        sd[p + "feed_forward.w3.weight"] = w(HIDDEN, DIM)
+        sd[p + "attention_norm.weight"] = torch.ones(DIM, dtype=torch.bfloat16)
+        sd[p + "ffn_norm.weight"] = torch.ones(DIM, dtype=torch.bfloat16)
+    sd["norm.weight"] = torch.ones(DIM, dtype=torch.bfloat16)
+    sd["output.weight"] = w(VOCAB, DIM)
     torch.save(sd, os.path.join(directory, "consolidated.00.pth"))
-    params = {"dim": dim, "n_layers": int(n_layers), "n_heads": n_heads, "multiple_of": 256,
-              "norm_eps": 1e-5, "vocab_size": vocab}
     with open(os.path.join(directory, "params.json"), "w") as f:
-        json.dump(params, f)
-    return params
+        json.dump({"dim": DIM, "n_layers": n_layers, "n_heads": HEADS, "multiple_of": 256, "norm_eps": 1e-5,
+                   "vocab_size": VOCAB}, f)
+    shutil.copyfile(tokenizer, os.path.join(directory, "tokenizer.model"))
 
 
-# The alternative: what llama2.c's export.py does (legacy_export), reduced to its I/O pattern.
-TORCH_EXPORT = textwrap.dedent("""
-    import glob, json, os, struct, sys, torch
-    src, out = sys.argv[1], sys.argv[2]
-    p = json.load(open(os.path.join(src, "params.json")))
-    shards = [torch.load(f, map_location="cpu", weights_only=True)
-              for f in sorted(glob.glob(os.path.join(src, "consolidated.*.pth")))]
-    sd = shards[0]
-    L = p["n_layers"]
-    hidden = sd["layers.0.feed_forward.w1.weight"].shape[0]
-    with open(out, "wb") as f:
-        f.write(struct.pack("iiiiiii", p["dim"], hidden, L, p["n_heads"], p["n_heads"],
-                            -p["vocab_size"], 2048))
-        def put(t):
-            f.write(t.detach().to(torch.float32).contiguous().numpy().tobytes())
-        put(sd["tok_embeddings.weight"])
-        for key in ["attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                    "ffn_norm", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"]:
-            for i in range(L):
-                put(sd[f"layers.{i}.{key}.weight"])
-        put(sd["norm.weight"])
-        hd = p["dim"] // p["n_heads"]
-        freqs = 1.0 / (10000.0 ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
-        fc = torch.outer(torch.arange(2048), freqs)
-        put(torch.cos(fc)); put(torch.sin(fc))
-        put(sd["output.weight"])
+TORCH_ROUTE = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import save_file
+    sd = torch.load(sys.argv[1], map_location="cpu", mmap=True, weights_only=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, sys.argv[2])
 """)
 
+
+# --- measuring ---------------------------------------------------------------------------------
 
 def _status(pid):
     vals = {}
@@ -114,108 +103,340 @@ def _status(pid):
     return vals
 
 
-def measure(cmd: list) -> dict:
-    """Run cmd; return wall seconds, peak anonymous RSS and VmHWM (bytes)."""
+def _tree_peak(pid, peak):
+    """Fold the status of pid and its children (converters may fork workers) into peak."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    total = {"RssAnon": 0, "VmHWM": 0}
+    largest = 0
+    for p in pids:
+        for k, v in _status(p).items():
+            total[k] += v
+            if k == "VmHWM":
+                largest = max(largest, v)
+    for k in total:
+        peak[k] = max(peak[k], total[k])
+    peak["largest"] = max(peak["largest"], largest)
+
+
+def measure(cmd: list, env=None) -> dict:
+    """Run cmd; wall seconds, CPU seconds (user + system, its whole process tree), peak VmHWM
+    and peak anonymous RSS (bytes, children summed)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = {"RssAnon": 0, "VmHWM": 0}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    peak = {"RssAnon": 0, "VmHWM": 0, "largest": 0}
     done = threading.Event()
 
     def poll():
         while not done.is_set():
-            for k, v in _status(proc.pid).items():
-                peak[k] = max(peak[k], v)
-            time.sleep(0.02)
+            _tree_peak(proc.pid, peak)
+            time.sleep(0.01)
 
     th = threading.Thread(target=poll, daemon=True)
     th.start()
     _, err = proc.communicate()
+    secs = time.perf_counter() - t0
     done.set()
     th.join()
-    secs = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return {"seconds": secs, "anon": peak["RssAnon"], "hwm": peak["VmHWM"]}
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-1500:]}")
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    # hwm: the largest single process's peak, as /usr/bin/time reports it; tree: all processes'
+    # peaks added (an upper bound for multi-process converters, which share some pages)
+    return {"seconds": secs, "cpu": cpu, "hwm": peak["largest"], "tree": peak["VmHWM"], "anon": peak["RssAnon"]}
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _size(path) -> int:
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+    return os.path.getsize(path)
+
+
+class Bench:
+    def __init__(self, workdir, repeat):
+        self.workdir, self.repeat, self.rows = workdir, repeat, []
+
+    def run(self, label, group, cmd, out=None, *, input_bytes, env=None):
+        """Measure cmd (best wall time of `repeat` runs, highest peaks; llama.cpp's converters run
+        once: they take minutes and gigabytes); out is removed before each run."""
+        best = None
+        for _ in range(1 if label.startswith("llama.cpp") else self.repeat):
+            if out:
+                _remove(out)
+            subprocess.run(["sync"], check=False)
+            try:
+                m = measure(cmd, env)
+            except RuntimeError as e:
+                print(f"  {label}: FAILED {str(e)[:300]}", flush=True)
+                self.rows.append({"label": label, "group": group, "failed": str(e)[-300:]})
+                return None
+            if best is None:
+                best = m
+            else:
+                best = {"seconds": min(best["seconds"], m["seconds"]), "cpu": min(best["cpu"], m["cpu"]),
+                        "hwm": max(best["hwm"], m["hwm"]), "tree": max(best["tree"], m["tree"]),
+                        "anon": max(best["anon"], m["anon"])}
+        row = {"label": label, "group": group, "input_bytes": input_bytes, **best,
+               "output_bytes": _size(out) if out and os.path.exists(out) else 0}
+        self.rows.append(row)
+        print(f"  {label:<44} {best['seconds']:7.2f} s  cpu {best['cpu']:6.2f} s  "
+              f"{input_bytes / MB / best['seconds']:7.0f} MB/s  "
+              f"peak {best['hwm'] / MB:6.0f} MB  (tree {best['tree'] / MB:6.0f} MB)  anon {best['anon'] / MB:6.0f} MB",
+              flush=True)
+        return row
+
+
+def machine() -> list:
+    lines = []
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    mem = next((int(ln.split()[1]) // 1024 for ln in open("/proc/meminfo") if ln.startswith("MemTotal")), 0)
+    lines.append(f"CPU: {model}, {os.cpu_count()} logical cores; RAM {mem / 1024:.0f} GiB")
+    lines.append(f"Kernel: {platform.system()} {platform.release()}; Python {platform.python_version()}")
+    try:
+        import numpy
+
+        lines.append(f"numpy {numpy.__version__}")
+    except ImportError:
+        pass
+    return lines
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes-mb", default="256,1024")
+    ap.add_argument("--layers", type=int, default=2, help="2 (~1.27 GB) or 32 (Llama 2 7B, 13.5 GB)")
     ap.add_argument("--workdir", default="/tmp/wconv-bench")
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--skip-torch", action="store_true",
-                    help="measure wconv only (the torch route needs the whole model in RAM and twice the disk)")
-    ap.add_argument("--version", type=int, default=0, help="llama2.c output version for wconv (0, 1 or 2)")
+    ap.add_argument("--llama-cpp", help="a llama.cpp checkout (convert_hf_to_gguf.py, examples/convert_legacy_llama.py)")
+    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="a Llama sentencepiece tokenizer.model")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (best time is reported)")
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated inputs")
+    ap.add_argument("--only", help="comma-separated label substrings to run (debugging)")
+    ap.add_argument("--report-from", help="rewrite the report from a saved RESULTS.json (no measuring)")
     args = ap.parse_args()
-    sizes = [int(s) for s in args.sizes_mb.split(",")]  # 0 = Llama-2-7B shapes
-    wconv_bin = os.path.join(os.path.dirname(PY), "wconv")
-    base = measure([wconv_bin, "--version"])
-    print(f"baseline (python + wconv imports): anon {base['anon'] / 2**20:.0f} MiB, hwm {base['hwm'] / 2**20:.0f} MiB")
-    rows = []
-    for mb in sizes:
-        d = os.path.join(args.workdir, f"meta-{mb}mb" if mb else "meta-7b-shapes")
-        if not os.path.exists(os.path.join(d, "params.json")):
-            print(f"making {mb} MB checkpoint in {d} ...", flush=True)
-            make_checkpoint(d, mb)
-        src_bytes = os.path.getsize(os.path.join(d, "consolidated.00.pth"))
-        out_w = os.path.join(args.workdir, f"wconv-{mb}.bin")
-        out_t = os.path.join(args.workdir, f"torch-{mb}.bin")
-        for p in (out_w, out_t):
-            if os.path.exists(p):
-                os.unlink(p)
-        subprocess.run(["sync"], check=False)
-        w = measure([wconv_bin, "pth-to-bin", d, out_w, "--quiet", "--max-seq-len", "2048",
-                     "--version", str(args.version)])
-        if args.skip_torch:
-            t, same = None, "(torch route skipped)"
-        else:
-            t = measure([PY, "-c", TORCH_EXPORT, d, out_t])
-            same = _same_weights(out_w, out_t) if args.version == 0 else "(different output versions)"
-        rows.append((mb, src_bytes, w, t, same))
-        for p in (out_w, out_t):
-            if not args.keep and os.path.exists(p):
-                os.unlink(p)
-    gb = 2**30
-    print()
-    print(f"{'source':>10} | {'wconv s':>8} {'anon GB':>8} {'hwm GB':>7} | {'torch s':>8} {'anon GB':>8} "
-          f"{'hwm GB':>7} | {'time t/w':>8} {'anon t/w':>8} | same weights")
-    for mb, src_bytes, w, t, same in rows:
-        if t is None:
-            print(f"{src_bytes / gb:8.2f}GB | {w['seconds']:8.1f} {w['anon'] / gb:8.3f} {w['hwm'] / gb:7.3f} | "
-                  f"{'-':>8} {'-':>8} {'-':>7} | {'-':>8} {'-':>8} | {same}")
+    if args.report_from:
+        with open(args.report_from) as f:
+            saved = json.load(f)
+        args.layers, args.repeat = saved["layers"], saved["repeat"]
+        print(write_results(args, saved["rows"], saved["load_before"], saved["in_meta"], saved["in_hf"],
+                            saved.get("machine")))
+        return
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    os.makedirs(args.workdir, exist_ok=True)
+    load_before = os.getloadavg()
+
+    meta = os.path.join(args.workdir, f"meta-{args.layers}l")
+    pth = os.path.join(meta, "consolidated.00.pth")
+    if not os.path.exists(os.path.join(meta, "params.json")):
+        print(f"making the {args.layers}-layer checkpoint in {meta} ...", flush=True)
+        make_meta(meta, args.layers, args.tokenizer)
+    hf = os.path.join(args.workdir, f"hf-{args.layers}l")
+    if not os.path.exists(os.path.join(hf, "config.json")):
+        subprocess.run([*WCONV, "convert", meta, hf, "--to", "hf", "--dtype", "bf16", "--quiet"], check=True)
+    hf_st = os.path.join(hf, "model.safetensors")
+    in_meta, in_hf = os.path.getsize(pth), _size(hf)
+    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+    b = Bench(args.workdir, args.repeat)
+    wanted = lambda label: not args.only or any(s in label for s in args.only.split(","))  # noqa: E731
+
+    print(f"inputs: Meta {in_meta / MB:.0f} MB, HF {in_hf / MB:.0f} MB; load average {load_before[0]:.1f}")
+    subprocess.run(["cat", pth, hf_st], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    cases = []
+    for kind, src, size, cp_src in (("Meta", meta, in_meta, pth), ("HF", hf, in_hf, hf_st)):
+        cases.append((f"cp {kind} input", kind, ["cp", cp_src, out("cp.bin")], out("cp.bin"), size))
+        cases.append((f"wconv inspect {kind}", kind, [*WCONV, "inspect", src], None, size))
+        for dt in ("bf16", "f16", "q8_0"):
+            cases.append((f"wconv {kind} -> GGUF {dt}", kind,
+                          [*WCONV, "convert", src, out(f"w-{dt}.gguf"), "--dtype", dt, "--quiet"],
+                          out(f"w-{dt}.gguf"), size))
+        cases.append((f"wconv {kind} -> llama2.c v0", kind,
+                      [*WCONV, "pth-to-bin", src, out("w.bin"), "--quiet"], out("w.bin"), size))
+        cases.append((f"cp of the v0 output ({kind})", kind, ["cp", out("w.bin"), out("cp-v0.bin")],
+                      out("cp-v0.bin"), size))
+        cases.append((f"wconv {kind} -> safetensors", kind,
+                      [*WCONV, "convert", src, out("w.safetensors"), "--quiet"], out("w.safetensors"), size))
+        if kind == "Meta":
+            cases.append((f"wconv {kind} -> HF dir", kind,
+                          [*WCONV, "convert", src, out("w-hf"), "--to", "hf", "--quiet"], out("w-hf"), size))
+            cases.append(("wconv GGUF q8_0 -> GGUF (same type)", kind,
+                          [*WCONV, "convert", out("w-q8_0.gguf"), out("w-q8_0-copy.gguf"), "--quiet"],
+                          out("w-q8_0-copy.gguf"), None))
+            cases.append(("cp GGUF q8_0", kind, ["cp", out("w-q8_0.gguf"), out("cp-q8.gguf")],
+                          out("cp-q8.gguf"), None))
+            try:
+                import torch  # noqa: F401
+
+                cases.append(("torch.load(mmap) + save_file (Meta)", kind, [PY, "-c", TORCH_ROUTE, pth,
+                              out("t.safetensors")], out("t.safetensors"), size))
+            except ImportError:
+                print("torch is not importable: torch route not measured")
+        if args.llama_cpp:
+            env = dict(os.environ, PYTHONPATH=os.path.join(args.llama_cpp, "gguf-py"))
+            legacy = os.path.join(args.llama_cpp, "examples", "convert_legacy_llama.py")
+            hf_conv = os.path.join(args.llama_cpp, "convert_hf_to_gguf.py")
+            if os.path.exists(legacy) and kind == "Meta":  # (its q8_0 run peaks near 20 GB: once)
+                for dt in ("f16", "q8_0"):
+                    cases.append((f"llama.cpp convert_legacy_llama {kind} -> {dt}", kind,
+                                  [PY, legacy, src, "--outtype", dt, "--outfile", out(f"l-{dt}.gguf")],
+                                  out(f"l-{dt}.gguf"), size, env))
+            if os.path.exists(hf_conv) and kind == "HF":
+                for dt in ("bf16", "f16", "q8_0"):
+                    cases.append((f"llama.cpp convert_hf_to_gguf {kind} -> {dt}", kind,
+                                  [PY, hf_conv, src, "--outtype", dt, "--outfile", out(f"h-{dt}.gguf")],
+                                  out(f"h-{dt}.gguf"), size, env))
+    for i, case in enumerate(cases):
+        label, group, cmd, dst, size = case[:5]
+        env = case[5] if len(case) > 5 else None
+        if not wanted(label):
             continue
-        print(f"{src_bytes / gb:8.2f}GB | {w['seconds']:8.1f} {w['anon'] / gb:8.3f} {w['hwm'] / gb:7.3f} | "
-              f"{t['seconds']:8.1f} {t['anon'] / gb:8.3f} {t['hwm'] / gb:7.3f} | "
-              f"{t['seconds'] / w['seconds']:8.2f} {t['anon'] / max(w['anon'], 1):8.2f} | {same}")
+        if size is None:  # input is an earlier output
+            src_file = cmd[-3] if label.startswith("wconv") else cmd[1]
+            if not os.path.exists(src_file):
+                continue
+            size = os.path.getsize(src_file)
+        b.run(label, group, cmd, dst, input_bytes=size, env=env)
+        if dst and not any(dst in later[2] for later in cases[i + 1:]):
+            _remove(dst)  # outputs go as soon as no later case reads them (a tmpfs workdir is RAM)
+    report = write_results(args, b.rows, list(load_before), in_meta, in_hf)
+    print()
+    print(report)
+    for name in ("cp.bin", "w-bf16.gguf", "w-f16.gguf", "w-q8_0.gguf", "w.bin", "cp-v0.bin", "w.safetensors",
+                 "w-hf", "w-q8_0-copy.gguf", "cp-q8.gguf", "t.safetensors", "l-f16.gguf", "l-q8_0.gguf",
+                 "h-bf16.gguf", "h-f16.gguf", "h-q8_0.gguf"):
+        _remove(out(name))
     if not args.keep:
-        shutil.rmtree(args.workdir, ignore_errors=True)
+        _remove(meta)
+        _remove(hf)
 
 
-def _same_weights(a: str, b: str) -> str:
-    """Both outputs hold the same fp32 values after the 28-byte header.
+# --- report ------------------------------------------------------------------------------------
 
-    Compared as floats: the RoPE tables run.c skips are computed by numpy in one and
-    torch in the other and may differ in the last bit.
-    """
-    import numpy as np
+def _find(rows, label):
+    return next((r for r in rows if r["label"] == label and "failed" not in r), None)
 
-    x = np.memmap(a, dtype=np.float32, mode="r", offset=28)
-    y = np.memmap(b, dtype=np.float32, mode="r", offset=28)
-    if x.size != y.size:
-        return f"no (sizes {x.size} vs {y.size})"
-    # Layout: ..., freq_cis_real, freq_cis_imag (2048 x head_dim/2 each), output.weight (vocab x dim).
-    dim, n_heads, vocab = (int(v) for v in np.fromfile(a, dtype=np.int32, count=7)[[0, 3, 5]])
-    vocab = abs(vocab)
-    tables_end = x.size - vocab * dim
-    tables_start = tables_end - 2048 * (dim // n_heads)
-    worst = tables = 0.0
-    step = 16 << 20
-    for lo, hi, which in ((0, tables_start, "w"), (tables_start, tables_end, "t"), (tables_end, x.size, "w")):
-        for i in range(lo, hi, step):
-            d = float(np.abs(x[i:min(i + step, hi)] - y[i:min(i + step, hi)]).max())
-            worst, tables = (max(worst, d), tables) if which == "w" else (worst, max(tables, d))
-    verdict = "yes" if worst == 0 else f"NO (max |diff| {worst:.3g})"
-    return f"{verdict}; RoPE tables run.c skips: max |diff| {tables:.1e}"
+
+def write_results(args, rows, load_before, in_meta, in_hf, machine_lines=None) -> str:
+    machine_lines = machine_lines or machine()
+    with open(os.path.splitext(args.results)[0] + ".json", "w") as f:
+        json.dump({"layers": args.layers, "repeat": args.repeat, "load_before": load_before, "in_meta": in_meta,
+                   "in_hf": in_hf, "machine": machine_lines, "rows": rows}, f, indent=1)
+    lines = ["# wconv conversion benchmark", "",
+             f"`bench/bench_convert.py --layers {args.layers}"
+             + (" --llama-cpp DIR" if args.llama_cpp else "") + f" --repeat {args.repeat}` on "
+             f"{time.strftime('%Y-%m-%d')}.", "", "Machine:", ""]
+    lines += [f"- {m}" for m in machine_lines]
+    lines += [f"- load average before the run: {load_before[0]:.1f} (shared machine: other jobs ran too; "
+              "times are wall clock, best of the repeats)",
+              f"- inputs: Llama-2-7B shapes with {args.layers} layers, bf16: Meta .pth {in_meta / MB:.0f} MB, "
+              f"HF dir {in_hf / MB:.0f} MB; warm page cache; outputs on the same filesystem", ""]
+    lines += ["| conversion | wall s | CPU s (user+sys) | MB/s (input) | peak RSS MB | all processes MB "
+              "| peak anon MB | × cp time | vs llama.cpp (wall; peak RSS) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    anchors = {}
+    for kind in ("Meta", "HF"):
+        for dt in ("bf16", "f16", "q8_0"):
+            cands = [r for r in rows if "failed" not in r and r["group"] == kind and r["label"].startswith("llama.cpp")
+                     and r["label"].endswith(f"-> {dt}")]
+            if cands:
+                anchors[(kind, dt)] = min(cands, key=lambda r: r["seconds"])
+    for r in rows:
+        if "failed" in r:
+            lines.append(f"| {r['label']} | failed: {r['failed'][:120].replace('|', '/')} | | | | | | | |")
+            continue
+        cp = _find(rows, f"cp {r['group']} input")
+        x_cp = f"{r['seconds'] / cp['seconds']:.2f}" if cp and r is not cp else ""
+        vs = ""
+        for dt in ("bf16", "f16", "q8_0"):
+            a = anchors.get((r["group"], dt))
+            if a and r["label"].startswith("wconv") and r["label"].endswith(f"GGUF {dt}"):
+                vs = f"{a['seconds'] / r['seconds']:.1f}× faster, {a['hwm'] / max(r['hwm'], 1):.1f}× less peak"
+        lines.append(f"| {r['label']} | {r['seconds']:.2f} | {r['cpu']:.2f} | {r['input_bytes'] / MB / r['seconds']:.0f} | "
+                     f"{r['hwm'] / MB:.0f} | {r['tree'] / MB:.0f} | {r['anon'] / MB:.0f} | {x_cp} | {vs} |")
+    lines += ["", "## Issue 9 targets", "",
+              "Wall-clock ratios from this run, then the same comparison in CPU seconds (user + system of the "
+              "whole process tree), which other jobs on a shared machine disturb less.", ""]
+    lines += _targets(rows, anchors)
+    lines += ["", "## Notes", "",
+              "- Peak RSS is VmHWM of the largest process (what `/usr/bin/time` reports), mapped input pages "
+              "included; \"all processes\" adds the peaks of every process in the tree (convert_legacy_llama's "
+              "q8_0 path forks workers, which share some pages: an upper bound).",
+              "- wconv's fixed cost (interpreter start, imports, reading the headers and the 32000-token "
+              "sentencepiece vocabulary) is the `wconv inspect` time; GGUF output adds packing that "
+              "vocabulary into metadata. None of it grows with the model, so on the 13.5 GB checkpoint "
+              "the same-type runs come closer to cp than on this one.",
+              "- On a machine shared with other jobs, wall times of long runs (the llama.cpp converters) "
+              "suffer more than short ones; the CPU-time comparison is the steadier one.",
+              f"- Not measured in this run: " + ("the 13.5 GB 32-layer checkpoint (`--layers 32`), so the "
+                                                 "\"2-layer and 32-layer peaks within 50 MB\" target is unchecked"
+                                                 if args.layers != 32 else "the 2-layer checkpoint") + "."]
+    text = "\n".join(lines) + "\n"
+    with open(args.results, "w") as f:
+        f.write(text)
+    return text
+
+
+def _targets(rows, anchors) -> list:
+    out = []
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    for kind in ("Meta", "HF"):
+        cp, w = _find(rows, f"cp {kind} input"), _find(rows, f"wconv {kind} -> GGUF bf16")
+        ins = _find(rows, f"wconv inspect {kind}")
+        if cp and w:
+            ratio = cp["seconds"] / w["seconds"]
+            fixed = (f"; without the fixed start-up cost `wconv inspect` shows ({ins['seconds']:.2f} s: interpreter, "
+                     f"imports, headers, the 32000-token vocabulary) {cp['seconds'] / max(w['seconds'] - ins['seconds'], 1e-9):.2f}×"
+                     if ins else "")
+            out.append(f"- same type, {kind} bf16 -> GGUF bf16: {ratio:.2f}× cp's throughput (target ≥ 0.8): "
+                       f"{verdict(ratio >= 0.8)}{fixed}" + (" (HF q/k rows are permuted, so not a pure copy)"
+                                                            if kind == "HF" else ""))
+    cp, w = _find(rows, "cp GGUF q8_0"), _find(rows, "wconv GGUF q8_0 -> GGUF (same type)")
+    if cp and w:
+        ratio = cp["seconds"] / w["seconds"]
+        out.append(f"- same type, GGUF q8_0 -> GGUF q8_0: {ratio:.2f}× cp's throughput (target ≥ 0.8): "
+                   f"{verdict(ratio >= 0.8)}")
+    for kind in ("Meta", "HF"):
+        for dt in ("f16", "q8_0"):
+            a, w = anchors.get((kind, dt)), _find(rows, f"wconv {kind} -> GGUF {dt}")
+            if a and w:
+                speed, mem = a["seconds"] / w["seconds"], a["hwm"] / max(w["hwm"], 1)
+                cpu = a["cpu"] / max(w["cpu"], 1e-9)
+                out.append(f"- {kind} bf16 -> {dt}: {speed:.1f}× faster than the faster llama.cpp converter "
+                           f"({a['label']}, {a['seconds']:.1f} s), {mem:.1f}× less peak memory (targets ≥ 3× "
+                           f"and ≥ 4×): {verdict(speed >= 3 and mem >= 4)}; in CPU time {cpu:.1f}× "
+                           f"({a['cpu']:.1f} s vs {w['cpu']:.1f} s): {verdict(cpu >= 3)}")
+            elif w:
+                out.append(f"- {kind} bf16 -> {dt}: no llama.cpp anchor measured")
+    for kind in ("Meta", "HF"):
+        w, cp = _find(rows, f"wconv {kind} -> llama2.c v0"), _find(rows, f"cp of the v0 output ({kind})")
+        if w and cp:
+            ratio = w["seconds"] / cp["seconds"]
+            cpu = w["cpu"] / max(cp["cpu"], 1e-9)
+            out.append(f"- {kind} pth-to-bin v0: {ratio:.2f}× the time cp takes to write a file of the output's "
+                       f"size (target ≤ 1.5): {verdict(ratio <= 1.5)}; in CPU time {cpu:.2f}×: {verdict(cpu <= 1.5)}")
+    peaks = [r for r in rows if "failed" not in r and r["label"].startswith("wconv")]
+    if peaks:
+        worst = max(peaks, key=lambda r: r["hwm"])
+        out.append(f"- peak RSS of every wconv run ≤ 300 MB: worst {worst['hwm'] / MB:.0f} MB ({worst['label']}): "
+                   f"{verdict(worst['hwm'] <= 300 * MB)}")
+    return out
 
 
 if __name__ == "__main__":

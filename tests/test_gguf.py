@@ -211,7 +211,9 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path):
         return LazyTensor(t.name, t.dtype, t.shape, load, t.source)
 
     m.tensors = {n: wrap(t) for n, t in m.tensors.items()}
-    gguf_io.write(m, path, quiet=True, dtype="f16")
+    # One thread: the next tensor is loaded only once the previous one is written (with more,
+    # the next tensor's first pieces are prepared while the previous one is being written).
+    gguf_io.write(m, path, quiet=True, dtype="f16", threads=1)
     assert [n for n, _ in seen] == list(m.tensors)  # each loaded once, in file order
     sizes = [s for _, s in seen]
     assert sizes[0] > 0 and all(b > a for a, b in zip(sizes, sizes[1:]))  # data written between loads

@@ -38,8 +38,10 @@ pytestmark = pytest.mark.interop
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "fixtures")
 
-TOL_VS_WRITTEN = {"f32": 1e-4, None: 1e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 1e-1, "q4_0": 1e-1}
-TOL_VS_SOURCE = {"f32": 1e-4, None: 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1, "q4_0": None}
+TOL_VS_WRITTEN = {"f32": 1e-4, None: 1e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 1e-1, "q4_0": 1e-1,
+                  "q4_1": 1e-1, "q5_0": 1e-1, "q5_1": 1e-1}
+TOL_VS_SOURCE = {"f32": 1e-4, None: 1e-4, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1, "q4_0": None,
+                 "q4_1": None, "q5_0": None, "q5_1": None}
 GPT2_F32_TOL = 2e-3  # GELU through an F16 table
 DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
 
@@ -146,6 +148,17 @@ def gpt2_model(realdata_module):
 def test_gpt2_with_gpt2_vocab(llama_cpp, gpt2_model, tmp_path, dtype):
     check(llama_cpp, gpt2_model, [15496, 995, 11, 703, 389, 345, 30, 198, 464, 50256], tmp_path, dtype,
           f32_tol=GPT2_F32_TOL, label="gpt2")
+
+
+@pytest.mark.parametrize("dtype", ["q4_1", "q5_0", "q5_1"])
+def test_llama_more_legacy_quant_types(llama_cpp, spm_llama, tmp_path, dtype):
+    """Q4_1/Q5_0/Q5_1 (wconv.blockquant): llama.cpp loads them and computes what our dequantised
+    weights compute; file type and tensor types are the requested ones."""
+    check(llama_cpp, spm_llama, [1, 15043, 3186, 29892, 920, 526, 366, 29973, 13, 450], tmp_path, dtype,
+          label="llama gqa spm")
+    written = gguf_io.read(os.path.join(tmp_path, "m.gguf"))
+    assert written["blk.0.attn_q.weight"].dtype.name == dtype.upper()
+    assert written.metadata["general.file_type"] == {"q4_1": 3, "q5_0": 8, "q5_1": 9}[dtype]
 
 
 def test_gpt2_no_vocab_untied(llama_cpp, tmp_path):

@@ -41,7 +41,8 @@ _IMPORTS = ["numpy", "gguf", "gguf.quants", "gguf.gguf_writer", "wconv.cli", "wc
             "wconv.convert.load", "wconv.convert.sources", "wconv.convert.mirror", "wconv.convert.state_dict",
             "wconv.formats.torch_file", "wconv.formats.torch_zip", "wconv.formats.torch_legacy",
             "wconv.formats.safetensors_io", "wconv.formats.gguf_io", "wconv.formats.ggml_legacy",
-            "wconv.formats.llama2c", "wconv.quant"]
+            "wconv.formats.llama2c", "wconv.formats.hf_dir", "wconv.quant", "wconv.stream", "wconv.codecs",
+            "wconv.blockquant"]
 
 # Runs in the child: import, optionally run the CLI in-process, print the peak RSS.
 _CHILD = r"""
@@ -268,3 +269,57 @@ def test_map_array_bounds(tmp_path):
         mapped.map_array(path, 0, 4, file_size=99)
     with pytest.raises(FormatError, match="cannot map"):
         mapped.map_array(tmp_path / "missing", 0, 4)
+
+
+# --- one dominant tensor ----------------------------------------------------------------------
+# A 256 MB (float32) embedding in an otherwise small model, stored as bf16 (128 MB): a writer
+# that widens or encodes the embedding whole holds >= 256 MB of float32 (plus its output), one
+# that maps its whole input range holds 128 MB of mapped pages. Pieces keep the peak at a few
+# 8 MB pieces per thread whatever the largest tensor.
+DOMINANT = dict(dim=2048, n_layers=1, n_heads=16, n_kv_heads=16, vocab_size=32768, hidden_dim=512,
+                max_seq_len=256, tie_embeddings=True)
+DOMINANT_BOUND = 100 * MB
+
+# output name, --to and options: every writer, with a type change where it has one
+DOMINANT_CASES = {
+    "gguf-f16": ("out.gguf", ["--dtype", "f16"]),
+    "gguf-q8_0": ("out.gguf", ["--dtype", "q8_0"]),
+    "gguf-q4_1": ("out.gguf", ["--dtype", "q4_1"]),
+    "gguf-bf16-copy": ("out.gguf", []),
+    "ggjt-q8_0": ("out.ggjt", ["--dtype", "q8_0"]),
+    "llama2c-v0": ("out.bin", []),
+    "safetensors-f16": ("out.safetensors", ["--dtype", "f16"]),
+    "hf-f32": ("hf", ["--to", "hf", "--dtype", "f32"]),
+}
+
+
+@pytest.fixture(scope="module")
+def dominant_source(tmp_path_factory):
+    from wconv.formats import safetensors_io
+
+    d = tmp_path_factory.mktemp("dominant")
+    m = modelgen.random_model(modelgen.llama_config(**DOMINANT), seed=3)
+    path = os.path.join(d, "in.safetensors")
+    safetensors_io.write(m, path, quiet=True, dtype="bf16")
+    del m
+    yield path
+    os.remove(path)
+
+
+@pytest.mark.parametrize("case", list(DOMINANT_CASES))
+def test_no_whole_tensor_float32_copy_of_the_largest_tensor(case, dominant_source, baseline, tmp_path):
+    import shutil
+
+    out_name, options = DOMINANT_CASES[case]
+    out = tmp_path / out_name
+    try:
+        peak = peak_rss("convert", dominant_source, out, "--quiet", *options)
+    finally:
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        elif os.path.exists(out):
+            os.remove(out)
+    extra = peak - baseline
+    print(f"\n{case}: largest tensor 256 MB as float32, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB "
+          f"(+{extra / MB:.0f} MB)")
+    assert extra < DOMINANT_BOUND, f"{case}: conversion used {extra / MB:.0f} MB above the baseline"

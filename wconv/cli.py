@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__, arch
+from . import __version__, arch, codecs
 from .errors import WconvError
 
 
@@ -98,6 +98,9 @@ _force = click.option("--force", is_flag=True, help="Overwrite OUT if it exists.
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 _verbose = click.option("--verbose", "-v", is_flag=True, help="List every tensor behind a summary warning "
                                                                "(e.g. each of 61 re-quantised tensors).")
+_threads = click.option("--threads", type=click.IntRange(min=1),
+                        help="Threads encoding tensor data (default: the machine's cores). Output is "
+                             "byte-identical whatever the count.")
 _tok = click.option("--tokenizer", type=click.Path(dir_okay=False),
                     help="Tokenizer to embed / write, recognised by content: sentencepiece or Meta tiktoken "
                          "tokenizer.model, HF tokenizer.json (+ tokenizer_config.json beside it), vocab.json or "
@@ -129,9 +132,9 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "llama2c", "ggjt", "hf"]),
               help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt). "
                    "hf: a Hugging Face model directory OUT (config.json + safetensors) transformers loads.")
-@click.option("--dtype", type=click.Choice(["f32", "f16", "bf16", "q8_0", "q4_0"]),
-              help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16). "
-                   "1-D tensors stay f32 in GGUF.")
+@click.option("--dtype", type=click.Choice(codecs.options(ggml=True)),
+              help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16; "
+                   "ggjt: no bf16). 1-D tensors stay f32 in GGUF.")
 @click.option("--names", type=click.Choice(["stored", "canonical"]),
               help="safetensors output: 'stored' (the default for a torch file) mirrors its state dict exactly "
                    "(names, dtypes, shapes, values; a training checkpoint's other entries summarised in "
@@ -152,9 +155,11 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @_tok
 @_force
 @_quiet
+@_threads
 @_verbose
 def convert(src, out, to, dtype, names, max_shard_size, split_max_size, split_max_tensors, vocab_only, dry_run, name,
-            metadata, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose):
+            metadata, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose,
+            threads):
     """Convert SRC (any readable format) to OUT.
 
     SRC may be the first part of a GGUF split set (NAME-00001-of-0000N.gguf): the set is read as
@@ -167,7 +172,7 @@ def convert(src, out, to, dtype, names, max_shard_size, split_max_size, split_ma
                max_seq_len=max_seq_len, max_shard_size=max_shard_size, split_max_size=split_max_size,
                split_max_tensors=split_max_tensors, vocab_only=vocab_only, dry_run=dry_run, name=name,
                metadata=metadata, tokenizer=tokenizer, force=force, quiet=quiet,
-               verbose=verbose)
+               verbose=verbose, threads=threads)
 
 
 @main.command()
@@ -219,12 +224,14 @@ def merge(first, out, force, quiet):
 @_force
 @_quiet
 @_verbose
-def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose):
+@_threads
+def pth_to_bin(src, out, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose, threads):
     """Export a Llama checkpoint (Meta dir, .pth, ckpt.pt, HF dir) to a llama2.c .bin."""
     from .convert.save import convert as do_convert
 
     do_convert(src, out, to="llama2c", version=bin_version, group_size=group_size,
-               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet, verbose=verbose)
+               max_seq_len=max_seq_len, tokenizer=tokenizer, force=force, quiet=quiet, verbose=verbose,
+               threads=threads)
 
 
 @main.command("tokenizer-to-bin")

@@ -61,24 +61,32 @@ C128 = _plain("C128", np.complex128, True)
 C32 = DType("C32", np.dtype(np.float16), 4, True)  # complex32: pairs of float16
 Q8_0 = DType("Q8_0", np.dtype(np.uint8), 0, True, block=32, block_bytes=34)
 Q4_0 = DType("Q4_0", np.dtype(np.uint8), 0, True, block=32, block_bytes=18)
+Q4_1 = DType("Q4_1", np.dtype(np.uint8), 0, True, block=32, block_bytes=20)
+Q5_0 = DType("Q5_0", np.dtype(np.uint8), 0, True, block=32, block_bytes=22)
+Q5_1 = DType("Q5_1", np.dtype(np.uint8), 0, True, block=32, block_bytes=24)
+Q2_K = DType("Q2_K", np.dtype(np.uint8), 0, True, block=256, block_bytes=84)
+Q3_K = DType("Q3_K", np.dtype(np.uint8), 0, True, block=256, block_bytes=110)
+Q4_K = DType("Q4_K", np.dtype(np.uint8), 0, True, block=256, block_bytes=144)
+Q5_K = DType("Q5_K", np.dtype(np.uint8), 0, True, block=256, block_bytes=176)
+Q6_K = DType("Q6_K", np.dtype(np.uint8), 0, True, block=256, block_bytes=210)
 
 ALL = {d.name: d for d in (F64, F32, F16, BF16, F8_E4M3, F8_E5M2, F8_E4M3FNUZ, F8_E5M2FNUZ,
-                            I64, I32, I16, I8, U64, U32, U16, U8, BOOL, C64, C128, C32, Q8_0, Q4_0)}
+                            I64, I32, I16, I8, U64, U32, U16, U8, BOOL, C64, C128, C32,
+                            Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)}
 
 
 def by_name(name: str) -> DType:
     return ALL[name]
 
 
-# --dtype spellings (CLI and library) -> element type; each writer takes a subset.
-BY_OPTION = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0}
-
-
 def from_option(value, allowed: tuple, where, what: str) -> DType:
-    """The DType named by a --dtype value (or given as a DType), if `what` can store it."""
+    """The DType named by a --dtype value (or given as a DType), if `what` can store it.
+
+    The spellings are wconv.codecs' (the type name in lower case, for types wconv can write)."""
+    from .codecs import by_option
     from .errors import UsageError
 
-    dt = value if isinstance(value, DType) else BY_OPTION.get(str(value).lower())
+    dt = by_option(value)
     if dt is None or dt.name.lower() not in allowed:
         choices = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
         raise UsageError(where, f"{what} supports --dtype {choices}, not {value}")
@@ -87,7 +95,10 @@ def from_option(value, allowed: tuple, where, what: str) -> DType:
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16) to float32: bf16 is the top half of an f32."""
-    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raw = np.asarray(raw, dtype=np.uint16)
+    out = np.empty(raw.shape, dtype=np.uint32)
+    np.left_shift(raw, 16, out=out, dtype=np.uint32)  # one pass, no uint32 temporary
+    return out.view(np.float32)
 
 
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:

@@ -36,7 +36,10 @@ def ordered_map(fn: Callable, items: Iterable, *, workers: int | None = None,
     workers = default_workers() if workers is None else max(1, int(workers))
     if workers == 1:
         for item in items:
-            yield fn(item)
+            out = fn(item)
+            del item  # neither the item nor its result stays alive while the next one is made
+            yield out
+            del out
         return
     max_pending = max(1, max_pending or workers + 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wconv-piece")

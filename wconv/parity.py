@@ -45,7 +45,7 @@ import types
 
 import numpy as np
 
-from . import arch, dtypes
+from . import arch, codecs
 from .errors import UsageError
 from .model import Model
 from .reference import check_tokens, forward
@@ -107,27 +107,23 @@ def model_class(model: Model) -> str:
 
 
 def can_round(kind: str) -> bool:
-    return kind in ("F32", "F64", "F16", "BF16", "Q8_0", "Q4_0") or kind.startswith("LLAMA2C_Q8/g")
+    """True if we can redo the rounding of storing values as `kind` (wconv.codecs' encoders)."""
+    if kind.startswith("LLAMA2C_Q8/g") or kind == "F64":
+        return True
+    codecs.load_plugins()
+    return kind in codecs.CODECS and codecs.CODECS[kind].encoder is not None
 
 
 def round_through(x: np.ndarray, kind: str) -> np.ndarray | None:
     """x (float32) as it would be after storing it as `kind`; None if we cannot redo that."""
     if kind in ("F32", "F64"):
         return x
-    if kind == "F16":
-        return x.astype(np.float16).astype(np.float32)
-    if kind == "BF16":
-        return dtypes.bf16_to_f32(dtypes.f32_to_bf16(x)).reshape(x.shape)
     if kind.startswith("LLAMA2C_Q8/g"):
         from .formats.llama2c import dequantize_groups, quantize_groups
 
         return dequantize_groups(*quantize_groups(x, int(kind.split("/g")[1]))).reshape(x.shape)
-    if kind in ("Q8_0", "Q4_0"):
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize, quantize
-
-        qt = GGMLQuantizationType[kind]
-        return dequantize(quantize(np.ascontiguousarray(x, dtype=np.float32), qt), qt).reshape(x.shape)
+    if can_round(kind):
+        return codecs.round_trip(x, codecs.get(kind).dtype)
     return None
 
 

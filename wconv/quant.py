@@ -1,60 +1,52 @@
-"""Element types of the GGML family (GGUF, GGJT): mapping, per-tensor choice, encoding.
+"""Element types of the GGML family (GGUF, GGJT): which type each tensor is written as.
 
-Both GGML-family writers use this module to decide what type each tensor is
-written as and to produce its bytes. Quantisation itself is gguf-py's
-(`gguf.quants.quantize`), which is bit-exact with ggml's reference
-`quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`; nothing here re-implements it.
+Both GGML-family writers use this module to decide what type each tensor is written as;
+the types themselves (GGML ids, llama_ftype values, encoders) are wconv.codecs' table and
+the bytes are produced by wconv.stream.
 
 Rules (documented in docs/gguf.md):
 - 1-D tensors (norms, biases) are always F32: llama.cpp's graphs expect F32 norms.
 - `dtype=None` keeps each matrix's own type when the format can hold it (copying
   quantised blocks unchanged, never re-quantising); F64 becomes F32 and float8
   becomes F16 (exact: every float8 value is an F16 value).
-- `q8_0`/`q4_0` quantise a matrix only if its rows are a whole number of 32-element
-  blocks; other matrices fall back to F16 and the fallback is reported.
+- a quantised `dtype` (q8_0, q4_0, q4_1, q5_0, q5_1, ...) quantises a matrix only if its
+  rows are a whole number of blocks; other matrices fall back to F16 and the fallback is
+  reported.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from . import dtypes
+from . import codecs, dtypes
 from .dtypes import DType
 from .notes import tensor_note
 
-OPTION_TYPES = dtypes.BY_OPTION
-
-# llama.cpp's llama_ftype for a file whose matrices are mostly of this type.
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
-               "Q2_K": 10, "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25,
-               "IQ4_XS": 30, "BF16": 32}
-FILE_TYPE_GUESSED = 1024
+FILE_TYPE_GUESSED = codecs.FILE_TYPE_GUESSED
 
 
 def ggml_dtype(ggml_type: int) -> DType:
     """Our DType for a GGMLQuantizationType value (unknown values raise KeyError/ValueError)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    qt = GGMLQuantizationType(int(ggml_type))
-    if qt.name in dtypes.ALL:
-        return dtypes.ALL[qt.name]
-    block, block_bytes = GGML_QUANT_SIZES[qt]
-    # Less common quantised types: described here, dequantised by gguf-py on request.
-    return DType(qt.name, np.dtype(np.uint8), 0, True, block=block, block_bytes=block_bytes)
+    return codecs.for_ggml_id(ggml_type).dtype
 
 
-def ggml_type(dt: DType):
-    """The GGMLQuantizationType for our DType (KeyError if GGML has none)."""
-    from gguf import GGMLQuantizationType
-
-    return GGMLQuantizationType[dt.name]
+def ggml_type(dt: DType) -> int:
+    """The GGML type id of our DType (KeyError if GGML has none)."""
+    ggml_id = codecs.get(dt).ggml_id
+    if ggml_id is None:
+        raise KeyError(dt.name)
+    return ggml_id
 
 
 def has_ggml_type(dt: DType) -> bool:
-    from gguf import GGMLQuantizationType
+    return dt.name in codecs.CODECS and codecs.get(dt).ggml_id is not None
 
-    return dt.name in GGMLQuantizationType.__members__
+
+def option_type(option: str) -> DType:
+    """The DType of a --dtype value for GGML outputs (ValueError if there is none)."""
+    dt = codecs.by_option(option)
+    if dt is None or not has_ggml_type(dt):
+        raise ValueError(f"unknown dtype {option!r}; choose one of {', '.join(codecs.options(ggml=True))}")
+    return dt
 
 
 def row_fits(shape: tuple, dt: DType) -> bool:
@@ -72,8 +64,9 @@ class TypePlan:
     def file_type(self) -> int:
         """llama_ftype of the file: the requested type, else the type most matrix elements have."""
         if self.option is not None:
-            return _FILE_TYPES[OPTION_TYPES[self.option].name]
-        return _FILE_TYPES.get(self.dominant(), FILE_TYPE_GUESSED)
+            return codecs.get(option_type(self.option)).file_type
+        dominant = codecs.CODECS.get(self.dominant())
+        return dominant.file_type if dominant is not None and dominant.file_type is not None else FILE_TYPE_GUESSED
 
     def dominant(self) -> str:
         counts = {}
@@ -85,13 +78,12 @@ class TypePlan:
 def plan_types(tensors, option: str | None, *, can_hold) -> TypePlan:
     """Decide the written type of each tensor.
 
-    tensors: iterable of LazyTensor; option: None or a key of OPTION_TYPES;
+    tensors: iterable of LazyTensor; option: None or a --dtype spelling (codecs.options);
     can_hold(dtype) -> bool says which types the output format stores.
     Raises ValueError (with a message naming the tensor) for tensors that have no
     float meaning (integers, booleans, complex).
     """
-    if option is not None and option not in OPTION_TYPES:
-        raise ValueError(f"unknown dtype {option!r}; choose one of {', '.join(OPTION_TYPES)}")
+    requested = option_type(option) if option is not None else None
     plan = TypePlan({}, option=option)
     for t in tensors:
         src = t.dtype
@@ -112,7 +104,7 @@ def plan_types(tensors, option: str | None, *, can_hold) -> TypePlan:
                 plan.notes.append(tensor_note(f"{src.name} tensors written as F32 (the format cannot store "
                                               f"{src.name})", t.name, f"{src.name} cannot be stored; written as F32"))
         else:
-            target = OPTION_TYPES[option]
+            target = requested
             if not row_fits(t.shape, target):
                 plan.notes.append(tensor_note(
                     f"tensors written as F16 instead of {target.name}: rows not a multiple of {target.block}",
@@ -127,43 +119,7 @@ def plan_types(tensors, option: str | None, *, can_hold) -> TypePlan:
     return plan
 
 
-def encode(t, target: DType) -> np.ndarray:
-    """The bytes of tensor `t` stored as `target`, as a C-contiguous numpy array.
-
-    Same type in and out: the stored data is passed through unchanged (quantised
-    blocks are copied, never re-quantised). Otherwise the values are widened to
-    float32 and converted with gguf-py (F16: numpy's round-to-nearest-even, as
-    ggml; BF16 and Q8_0/Q4_0: gguf.quants, bit-exact with ggml's reference code).
-    """
-    from gguf.quants import quantize
-
-    if t.dtype == target:
-        arr = np.ascontiguousarray(t.raw())
-        if target.quantized:
-            arr = arr.reshape(-1).view(np.uint8)
-        else:
-            arr = arr.astype(target.storage.newbyteorder("<"), copy=False)
-    else:
-        values = np.ascontiguousarray(t.float32(), dtype=np.float32)
-        if target is dtypes.F32:
-            arr = values
-        elif target is dtypes.F16:
-            with np.errstate(over="ignore"):
-                arr = values.astype(np.float16)
-        else:
-            arr = quantize(values, ggml_type(target))
-    expected = target.nbytes(t.n_elements)
-    if arr.nbytes != expected:
-        raise ValueError(f"tensor {t.name}: {arr.nbytes} bytes of {target.name} data, expected {expected}")
-    return arr
-
-
 def overflow_note(name: str, target: DType = dtypes.F16):
     """The note for a tensor whose values beyond the F16 range became infinities."""
     return tensor_note(f"tensors with values beyond the {target.name} range written as infinities", name,
                        f"values beyond the {target.name} range became infinities")
-
-
-def overflowed(t, target: DType, arr: np.ndarray) -> bool:
-    """True if converting to F16 turned finite values into infinities."""
-    return target is dtypes.F16 and t.dtype is not dtypes.F16 and bool(np.isinf(arr).any())

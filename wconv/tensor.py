@@ -14,31 +14,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import dtypes
+from . import codecs, dtypes
 from .dtypes import DType
 
 
-def _dequantize(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
-    # gguf-py's dequantisers work on row-blocks of raw bytes and are exact.
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    out = dequantize(np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1),
-                     GGMLQuantizationType[dt.name])
-    return out.astype(np.float32, copy=False).reshape(shape)
-
-
 def to_float32(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
-    """Widen or dequantise a raw array of dtype `dt` to float32 of `shape`."""
-    if dt.quantized:
-        return _dequantize(raw, dt, shape)
-    if dt is dtypes.BF16:
-        return dtypes.bf16_to_f32(raw).reshape(shape)
-    if dt.name.startswith("F8_"):
-        return dtypes.f8_to_f32(raw, dt.name).reshape(shape)
-    if dt.name in ("C32", "C64", "C128"):
-        raise TypeError("complex tensors have no float32 form")
-    return np.asarray(raw).astype(np.float32, copy=False).reshape(shape)
+    """Widen or dequantise a raw array of dtype `dt` to float32 of `shape` (wconv.codecs)."""
+    return codecs.get(dt).decode(raw).reshape(shape)
 
 
 @dataclass
@@ -49,6 +31,9 @@ class LazyTensor:
     loader: Callable[[], np.ndarray] = field(repr=False)
     source: str = ""  # human-readable origin, e.g. "consolidated.00.pth:data/3"
     storage_key: object = None  # identifies the underlying storage (tied weights)
+    # Where the stored bytes lie, if they are one plain little-endian C-order range of a file:
+    # (path, offset, nbytes), or a function returning that or None (resolved on request).
+    span: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -60,6 +45,15 @@ class LazyTensor:
     @property
     def nbytes(self) -> int:
         return self.dtype.nbytes(self.n_elements)
+
+    def file_span(self) -> tuple | None:
+        """(path, offset, nbytes) of the stored bytes when they are exactly this tensor's
+        raw() bytes as one range of a file (so they can be copied or mapped piecewise),
+        else None (computed tensors: permutations, shard merges, strided views...)."""
+        span = self.span() if callable(self.span) else self.span
+        if span is not None and span[2] != self.nbytes:
+            return None
+        return span
 
     def raw(self) -> np.ndarray:
         """Stored elements, storage dtype, logical shape (quantised: flat uint8 blocks)."""
@@ -112,7 +106,7 @@ class LazyTensor:
                           tuple(shape) if shape is not None else self.shape, load, self.source)
 
     def renamed(self, name: str) -> "LazyTensor":
-        return LazyTensor(name, self.dtype, self.shape, self.loader, self.source, self.storage_key)
+        return LazyTensor(name, self.dtype, self.shape, self.loader, self.source, self.storage_key, self.span)
 
     @staticmethod
     def from_array(name: str, arr: np.ndarray, dtype: DType | None = None, source="memory") -> "LazyTensor":

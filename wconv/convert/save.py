@@ -73,7 +73,9 @@ def _preflight(model, out, fmt: str, options: dict) -> None:
     module.check_options(model, out, **{k: v for k, v in options.items() if v is not None})
 
 
-def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
+def save(model, out, *, to=None, force=False, quiet=False, threads=None, **options) -> str:
+    """Write `model` to `out` (format from `to` or the extension); threads: encoding threads
+    (default: the machine's cores, wconv.parallel.default_workers)."""
     fmt = format_for(os.fspath(out), to)
     module_name, fn = WRITERS[fmt]
     module = importlib.import_module(module_name)
@@ -82,7 +84,7 @@ def save(model, out, *, to=None, force=False, quiet=False, **options) -> str:
     _preflight(model, out, fmt, options)
     target = atomic_dir if fmt in DIRECTORY_FORMATS else atomic_path
     with target(out, force=force, inputs=input_files(model), own_output=own_output(fmt)) as tmp:
-        writer(model, tmp, quiet=quiet, **options)
+        writer(model, tmp, quiet=quiet, threads=threads, **options)
     return fmt
 
 
@@ -101,13 +103,17 @@ FORMAT_OPTIONS = {
 TOKENIZER_FORMATS = {"gguf", "ggjt", "llama2c", "hf"}
 
 
-def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, verbose=False, **options) -> str:
+def convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, verbose=False, threads=None,
+            **options) -> str:
     """Read SRC, say what OUT cannot hold, check every option, then write OUT (and tokenizer.bin)."""
     with notes.verbose(verbose):
-        return _convert(src, out, to=to, tokenizer=tokenizer, force=force, quiet=quiet, **options)
+        if threads is not None and threads < 1:
+            raise UsageError(out, f"--threads must be at least 1, got {threads}")
+        return _convert(src, out, to=to, tokenizer=tokenizer, force=force, quiet=quiet, threads=threads,
+                        **options)
 
 
-def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **options) -> str:
+def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, threads=None, **options) -> str:
     fmt = format_for(os.fspath(out), to)
     given = {k: v for k, v in options.items() if v is not None and v is not False}
     for name in given:
@@ -132,7 +138,8 @@ def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **o
     if carried.dropped_tokenizer(model):
         warn(model.path, carried.dropped_tokenizer(model))
     if fmt == "gguf":
-        return _convert_gguf(model, out, force=force, quiet=quiet, tokenizer_given=tokenizer is not None,
+        return _convert_gguf(model, out, force=force, quiet=quiet, threads=threads,
+                             tokenizer_given=tokenizer is not None,
                              **options)
     tok_out = None
     if fmt == "llama2c" and tokenizer is not None:
@@ -153,7 +160,7 @@ def _convert(src, out, *, to=None, tokenizer=None, force=False, quiet=False, **o
     check(out, force=force, inputs=input_files(model), own_output=own_output(fmt))  # before the warnings below
     for line in carried.losses(model, fmt, tokenizer_given=tokenizer is not None):
         warn(model.path, line)
-    save(model, out, to=fmt, force=force, quiet=quiet, **options)
+    save(model, out, to=fmt, force=force, quiet=quiet, threads=threads, **options)
     if tok_out is not None:
         write_tokenizer_bin(tokenizer, tok_out, force=force, loaded=model.tokenizer)
     return fmt
@@ -201,7 +208,7 @@ def _own_tokenizer_bin(path):
     return None
 
 
-def _convert_gguf(model, out, *, force=False, quiet=False, tokenizer_given=False, dtype=None, max_seq_len=None,
+def _convert_gguf(model, out, *, force=False, quiet=False, threads=None, tokenizer_given=False, dtype=None, max_seq_len=None,
                   split_max_size=None, split_max_tensors=None, vocab_only=False, dry_run=False, name=None,
                   metadata=None) -> str:
     """GGUF output with llama.cpp's converter conveniences: OUT templates ({ftype}, {name}),
@@ -233,7 +240,8 @@ def _convert_gguf(model, out, *, force=False, quiet=False, tokenizer_given=False
     if dry_run:
         print(out_name.describe(model, plan, groups, sizes, paths, vocab_only=vocab_only, overrides=overrides))
         return "gguf"
-    write_options = dict(dtype=dtype, max_seq_len=max_seq_len, vocab_only=vocab_only, metadata_overrides=overrides)
+    write_options = dict(dtype=dtype, max_seq_len=max_seq_len, vocab_only=vocab_only, metadata_overrides=overrides,
+                         threads=threads)
     if len(paths) == 1:
         save(model, out, to="gguf", force=force, quiet=quiet, **write_options)
         return "gguf"

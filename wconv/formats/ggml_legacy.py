@@ -32,7 +32,7 @@ import struct
 
 import numpy as np
 
-from .. import arch, quant
+from .. import arch, codecs, quant, stream
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Stored, Tokenizer
@@ -214,7 +214,7 @@ def _read(path: str, r: _Reader) -> Model:
             raise FormatError(path, f"duplicate tensor {name}")
         shape = tuple(reversed(dims))
         tensors[canon] = LazyTensor(canon, dt, shape, _loader(path, r.end, name, r.pos, nbytes, dt, shape),
-                                    source=f"{base}:{name}", storage_key=(path, r.pos))
+                                    source=f"{base}:{name}", storage_key=(path, r.pos), span=(path, r.pos, nbytes))
         raw_names[canon] = name
         r.pos += nbytes
 
@@ -305,7 +305,8 @@ def check_options(model: Model, out, *, dtype: str | None = None) -> None:
         check_vocab_fits(tok, model.tensors["token_embd.weight"].shape[0], where)
 
 
-def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None) -> list:
+def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
+               threads: int | None = None) -> list:
     """Write a llama model as ggjt v3 (the last pre-GGUF llama.cpp format). Returns notes."""
     from .gguf_io import check_writable  # the same completeness/shape checks as GGUF output
 
@@ -314,8 +315,9 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
     fam = arch.get(cfg.arch)
     if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
-    if dtype == "bf16":
-        raise UsageError(where, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
+    can_write = [o for o in codecs.options(ggml=True) if o.upper() in GGJT_TYPES]
+    if dtype is not None and dtype not in can_write:
+        raise UsageError(where, f"ggjt has no {dtype} type; use {', '.join(can_write)}")
     if cfg.rope_scaling or cfg.head_width:
         raise UnsupportedError(where, "ggjt cannot record " + ("RoPE scaling" if cfg.rope_scaling else
                                                               f"a head width ({cfg.head_dim}) other than dim / n_heads"))
@@ -350,20 +352,20 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
                             plan.file_type()))
         for text, score in vocab:
             f.write(struct.pack("<I", len(text)) + text + struct.pack("<f", score))
+        jobs = [(t, plan.types[t.name]) for t in tensors]
+
+        def tensor_header(i):  # each tensor's header sits just before its (aligned) data
+            t, dt = jobs[i]
+            name = _LLAMA.from_canonical(t.name, "meta").encode()
+            dims = tuple(reversed(t.shape))
+            f.write(struct.pack(f"<3I{len(dims)}I", len(dims), len(name), int(quant.ggml_type(dt)), *dims))
+            f.write(name)
+            stream.pad(f, ALIGNMENT)
+
         with progress(sum(t.nbytes for t in tensors), "writing ggjt", quiet=quiet) as bar:
-            for t in tensors:
-                dt = plan.types[t.name]
-                name = _LLAMA.from_canonical(t.name, "meta").encode()
-                dims = tuple(reversed(t.shape))
-                f.write(struct.pack(f"<3I{len(dims)}I", len(dims), len(name), int(quant.ggml_type(dt)), *dims))
-                f.write(name)
-                f.write(b"\0" * (-f.tell() % ALIGNMENT))
-                arr = quant.encode(t, dt)
-                if quant.overflowed(t, dt, arr):
-                    notes.append(quant.overflow_note(t.name))
-                arr.tofile(f)
-                del arr
-                bar.update(t.nbytes, t.name)
+            results = stream.write_tensors(f, jobs, threads=threads, before=tensor_header,
+                                           after=lambda i: bar.update(jobs[i][0].nbytes, jobs[i][0].name))
+        notes += [quant.overflow_note(t.name) for (t, _), r in zip(jobs, results) if r.overflowed]
     emit_notes(where, notes)
     return notes
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import arch, quant
+from .. import arch, quant, stream
 from ..arch.family import Problems
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -388,7 +388,8 @@ def read(path, *, strict: bool = True, whole_set: bool = True) -> Model:
                                              "supported")
             tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
                                             _tensor_loader(part, size, info, ph.endian),
-                                            source=f"{base}:{info.name}", storage_key=(part, info.offset))
+                                            source=f"{base}:{info.name}", storage_key=(part, info.offset),
+                                            span=(part, info.offset, info.nbytes) if ph.endian == "<" else None)
             file_of[info.name] = part
 
     metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(tensors), "GGUF.kv_count": len(h.kv),
@@ -625,8 +626,9 @@ def _add_overrides(w, overrides: dict) -> None:
 
 
 def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
-          max_seq_len: int | None = None, vocab_only: bool = False, metadata_overrides: dict | None = None) -> list:
-    """Write `model` as GGUF v3 to `tmp_path`, one tensor in memory at a time.
+          max_seq_len: int | None = None, vocab_only: bool = False, metadata_overrides: dict | None = None,
+          threads: int | None = None) -> list:
+    """Write `model` as GGUF v3 to `tmp_path`, streaming the tensor data (wconv.stream).
 
     vocab_only: hyperparameters and vocabulary, no tensors (llama.cpp's vocab_only load).
     metadata_overrides: general.* keys to add (key -> (type, value); general.name replaces the name).
@@ -658,17 +660,17 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     w.write_header_to_file(Path(tmp_path))
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    try:
-        with progress(sum(tensors[n].nbytes for n in names), "writing GGUF", quiet=quiet) as bar:
-            for n in names:
-                t, dt = tensors[n], p.types.types[n]
-                arr = quant.encode(t, dt)
-                if quant.overflowed(t, dt, arr):
-                    notes.append(quant.overflow_note(n))
-                w.write_tensor_data(arr)
-                del arr
-                bar.update(t.nbytes, n)
-    finally:
-        w.close()
+    alignment = w.data_alignment
+    w.close()
+    # gguf-py wrote header, metadata and tensor infos; the data section is ours: each tensor at
+    # the offset its info declares (padded to the alignment), copied or encoded piecewise.
+    jobs = [(tensors[n], p.types.types[n]) for n in names]
+    with open(tmp_path, "r+b") as f, \
+            progress(sum(t.nbytes for t, _ in jobs), "writing GGUF", quiet=quiet) as bar:
+        f.seek(0, os.SEEK_END)
+        results = stream.write_tensors(f, jobs, threads=threads, before=lambda i: stream.pad(f, alignment),
+                                       after=lambda i: (stream.pad(f, alignment),
+                                                        bar.update(jobs[i][0].nbytes, names[i])))
+    notes += [quant.overflow_note(n) for n, r in zip(names, results) if r.overflowed]
     emit_notes(where, notes)
     return notes

@@ -208,7 +208,8 @@ def _copy_tokenizer(model, tmp_dir) -> None:
         shutil.copyfile(source, os.path.join(tmp_dir, "tokenizer.model"))
 
 
-def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=None, max_seq_len=None) -> None:
+def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=None, max_seq_len=None,
+          threads=None) -> None:
     """Fill the (empty, temporary) directory tmp_dir with the HF form of `model`."""
     check_options(model, tmp_dir, dtype=dtype, max_shard_size=max_shard_size, max_seq_len=max_seq_len)
     out_dtype = output_dtype(model, dtype)
@@ -225,7 +226,7 @@ def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=Non
     def write_shard(names, filename):
         part = Model(config=model.config, tensors={n: tensors[n] for n in names}, path=model.path)
         safetensors_io.write(part, os.path.join(tmp_dir, filename), quiet=quiet, dtype=out_dtype, names="hf",
-                             notes=notes)
+                             notes=notes, threads=threads)
 
     if len(shards) == 1:
         write_shard(shards[0], SINGLE_FILE)

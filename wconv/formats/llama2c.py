@@ -39,7 +39,7 @@ import struct
 
 import numpy as np
 
-from .. import arch, dtypes
+from .. import arch, dtypes, stream
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Stored
@@ -305,7 +305,7 @@ def _memmap(path, size, dtype, offset, count, name):
 def _f32_tensor(path, size, base, name, shape, offset) -> LazyTensor:
     n = math.prod(shape)
     return LazyTensor(name, dtypes.F32, shape, lambda: _memmap(path, size, "<f4", offset, n, name).reshape(shape),
-                      f"{base}@{offset}", storage_key=(path, offset))
+                      f"{base}@{offset}", storage_key=(path, offset), span=(path, offset, 4 * n))
 
 
 def _q8_tensor(path, size, base, name, shape, offset, group_size) -> LazyTensor:
@@ -402,9 +402,8 @@ def check_options(model: Model, out, *, version: int = 0, group_size: int | None
         pick_group_size(model.config.dim, hidden, group_size, out)
 
 
-def _write_f32(f, t: LazyTensor):
-    for piece in t.float32_chunks():
-        f.write(memoryview(np.ascontiguousarray(piece, dtype="<f4")).cast("B"))
+def _write_f32(f, t: LazyTensor, threads=None):
+    stream.write_tensors(f, [(t, dtypes.F32)], threads=threads)
 
 
 def _write_q8(f, t: LazyTensor, group_size: int, chunk_groups: int = 1 << 16) -> float:
@@ -421,7 +420,7 @@ def _write_q8(f, t: LazyTensor, group_size: int, chunk_groups: int = 1 << 16) ->
 
 
 def write(model: Model, tmp_path, *, quiet: bool = False, version: int = 0, group_size: int | None = None,
-          max_seq_len: int | None = None) -> dict:
+          max_seq_len: int | None = None, threads: int | None = None) -> dict:
     """Write `model` as a llama2.c .bin of `version` to `tmp_path`, one tensor at a time.
 
     Returns a small summary (version, group_size, max quantisation error for v2).
@@ -461,15 +460,20 @@ def write(model: Model, tmp_path, *, quiet: bool = False, version: int = 0, grou
             if version == 2:
                 head += struct.pack("<i", gs)
             f.write(head + b"\0" * (HEADER_BYTES - len(head)))
-        for name in names:
-            t = model[name]
-            if version == 0 and name == "output.weight":
-                _write_rope_tables(f, seq_len, c.dim // c.n_heads, c.rope_theta or RUNC_ROPE_THETA)
-            if version == 2 and len(shapes[name]) == 2:
-                max_err = max(max_err, _write_q8(f, t, gs))
-            else:
-                _write_f32(f, t)
-            bar.update(t.n_elements)
+        if version == 2:
+            for name in names:
+                t = model[name]
+                if len(shapes[name]) == 2:
+                    max_err = max(max_err, _write_q8(f, t, gs))
+                else:
+                    _write_f32(f, t, threads)
+                bar.update(t.n_elements)
+        else:  # all fp32: one stream over every tensor, the v0 RoPE tables in their place
+            def before(i):
+                if version == 0 and names[i] == "output.weight":
+                    _write_rope_tables(f, seq_len, c.dim // c.n_heads, c.rope_theta or RUNC_ROPE_THETA)
+            stream.write_tensors(f, [(model[n], dtypes.F32) for n in names], threads=threads, before=before,
+                                 after=lambda i: bar.update(model[names[i]].n_elements))
         if version == 0 and shared:
             _write_rope_tables(f, seq_len, c.dim // c.n_heads, c.rope_theta or RUNC_ROPE_THETA)
     if version == 2:

@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from .. import arch, dtypes, quant
+from .. import arch, dtypes, quant, stream
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -115,7 +115,8 @@ def read(path) -> tuple[dict, dict]:
     tensors = {}
     for name, e in ordered:
         tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(path, size, data_start, name, e),
-                                   f"{base}:{name}", (path, "safetensors", data_start + e["begin"]))
+                                   f"{base}:{name}", (path, "safetensors", data_start + e["begin"]),
+                                   span=(path, data_start + e["begin"], e["end"] - e["begin"]))
     return tensors, metadata
 
 
@@ -145,18 +146,6 @@ def _out_dtype(t: LazyTensor, requested: DType | None) -> DType:
     if t.dtype.quantized or t.dtype.name.startswith("F8_"):
         return dtypes.F32  # no safetensors form: store the dequantised values
     raise UnsupportedError(t.source or t.name, f"tensor {t.name}: dtype {t.dtype} cannot be stored in safetensors")
-
-
-def _pieces(t: LazyTensor, out: DType):
-    """Tensor `t` stored as `out`, as C-contiguous arrays: whole when no conversion is needed
-    (often a zero-copy map), else in bounded pieces so temporaries stay small."""
-    if out is t.dtype:
-        yield np.ascontiguousarray(t.raw())
-        return
-    for piece in t.float32_chunks():
-        with np.errstate(over="ignore"):  # values beyond F16 become infinities; write() says so
-            narrowed = dtypes.f32_to_bf16(piece) if out is dtypes.BF16 else piece.astype(out.storage)
-        yield narrowed
 
 
 def _hf_plan(model) -> list:
@@ -200,8 +189,9 @@ def check_options(model, out, *, dtype=None) -> None:
         _out_dtype(t, requested)  # a tensor with no safetensors form is refused here (names its source)
 
 
-def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical", notes=None) -> None:
-    """Stream `model` to `tmp_path`: header first, then one tensor's bytes at a time.
+def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "canonical", notes=None,
+          threads: int | None = None) -> None:
+    """Stream `model` to `tmp_path`: header first, then the tensors' bytes (wconv.stream).
 
     Notes (dequantised tensors, F16 overflow) are printed once at the end, or, when a list is
     given as `notes`, added to it for the caller to print (hf_dir: once for every shard)."""
@@ -233,28 +223,8 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
     with open(tmp_path, "wb") as f, progress(offset, "writing safetensors", quiet=quiet) as bar:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for out_name, t, out, nbytes in items:
-            written, overflow = 0, False
-            narrowed = out is dtypes.F16 and t.dtype is not dtypes.F16
-            for arr in _pieces(t, out):
-                if narrowed and not overflow:
-                    overflow = bool(np.isinf(arr).any()) and _finite_source(t)
-                if arr.dtype.byteorder == ">":
-                    arr = arr.astype(arr.dtype.newbyteorder("<"))
-                data = arr.reshape(-1).view(np.uint8)  # zero-copy bytes, also for 0-d and empty tensors
-                f.write(data)
-                written += len(data)
-                del arr, data
-            if written != nbytes:
-                raise FormatError(t.source or t.name, f"tensor {t.name}: produced {written} bytes, expected {nbytes}")
-            if overflow:
-                notes.append(quant.overflow_note(t.name))
-            bar.update(nbytes)
+        results = stream.write_tensors(f, [(t, out) for _, t, out, _ in items], threads=threads,
+                                       after=lambda i: bar.update(items[i][3]))
+    notes += [quant.overflow_note(t.name) for (_, t, _, _), r in zip(items, results) if r.overflowed]
     if own_notes:
         emit_notes(model.path or None, notes)
-
-
-def _finite_source(t: LazyTensor) -> bool:
-    """Whether infinities in the F16 form of `t` are new (not already infinities in the source);
-    read again in bounded pieces, only for a tensor whose F16 form has some."""
-    return all(np.isfinite(piece).all() for piece in t.float32_chunks())

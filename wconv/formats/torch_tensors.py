@@ -221,7 +221,22 @@ def make_tensor(ctx, storage, offset, size, stride, dt: DType, metadata=None) ->
             ctx.fail(f"tensor view (offset {offset}, size {list(shape)}, stride {list(strides)}, {dt.name}) "
                      f"reaches beyond its storage {storage.key} of {storage.nbytes} bytes")
     return LazyTensor("", dt, shape, StorageView(storage, dt, offset, shape, strides, conj, neg),
-                      source=storage.source, storage_key=(storage.path, storage.key))
+                      source=storage.source, storage_key=(storage.path, storage.key),
+                      span=_span(storage, dt, offset, shape, strides, conj or neg))
+
+
+def _span(storage, dt: DType, offset: int, shape: tuple, strides: tuple, changed: bool):
+    """The tensor's file range, resolved on request, when its bytes are the stored bytes as they are."""
+    if changed or not has_numpy_form(dt) or not _is_contiguous(shape, strides) or (storage.big_endian and dt.itemsize > 1):
+        return None
+    n = math.prod(shape)
+
+    def span():
+        start = storage.base.locate()  # (a legacy storage view lies inside its root storage)
+        if start is None:
+            return None
+        return storage.path, start + storage.base_offset + offset * dt.itemsize, n * dt.itemsize
+    return span
 
 
 def _storage_dtype(storage) -> DType:

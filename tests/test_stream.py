@@ -1,0 +1,165 @@
+"""wconv.stream: the data sections every writer streams.
+
+- the output is byte-identical whatever the thread count and piece size (pieces of
+  whole rows, pieces inside a row, many pieces per tensor);
+- same-type tensors whose bytes are one range of the input go by kernel copy, and that
+  gives the same file as copying them through memory or re-encoding them from float32;
+- which readers report a file span, and which transforms drop it.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import numpy as np
+import pytest
+
+import modelgen
+from wconv import dtypes, mapped, stream
+from wconv.convert.load import load_model
+from wconv.convert.save import convert, save
+from wconv.formats import gguf_io, safetensors_io
+from wconv.tensor import LazyTensor
+
+
+@pytest.fixture(scope="module")
+def bf16_source(tmp_path_factory):
+    """A small llama model as a bf16 safetensors file (with the config wconv records)."""
+    d = tmp_path_factory.mktemp("src")
+    m = modelgen.random_model(modelgen.llama_config(dim=128, hidden_dim=352, vocab_size=160, n_heads=4,
+                                                    n_kv_heads=2), seed=7)
+    path = os.path.join(d, "m.safetensors")
+    safetensors_io.write(m, path, quiet=True, dtype="bf16")
+    return path
+
+
+# output name, --to, options
+OUTPUTS = [
+    ("f16.gguf", None, {"dtype": "f16"}),
+    ("q8_0.gguf", None, {"dtype": "q8_0"}),
+    ("q5_1.gguf", None, {"dtype": "q5_1"}),
+    ("q4_1.ggjt", None, {"dtype": "q4_1"}),
+    ("v0.bin", None, {"version": 0}),
+    ("f16.safetensors", None, {"dtype": "f16"}),
+    ("hf", "hf", {"dtype": "f32", "max_shard_size": "200KB"}),
+]
+
+
+def _convert(src, out, to, options, threads):
+    with contextlib.redirect_stderr(io.StringIO()):
+        convert(src, out, to=to, quiet=True, threads=threads, **options)
+
+
+def _bytes(path) -> dict:
+    if os.path.isdir(path):
+        return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path))}
+    return {"": open(path, "rb").read()}
+
+
+@pytest.mark.parametrize("name, to, options", OUTPUTS)
+def test_output_is_identical_for_any_thread_count_and_piece_size(bf16_source, tmp_path, monkeypatch,
+                                                                  name, to, options):
+    _convert(bf16_source, tmp_path / f"1-{name}", to, options, threads=1)
+    want = _bytes(tmp_path / f"1-{name}")
+    # 100 values a piece: several rows per piece for short rows, pieces inside 128/352-value rows
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 100)
+    for threads in (2, 3):
+        _convert(bf16_source, tmp_path / f"{threads}-{name}", to, options, threads=threads)
+        assert _bytes(tmp_path / f"{threads}-{name}") == want, threads
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 4096)
+    _convert(bf16_source, tmp_path / f"big-{name}", to, options, threads=2)
+    assert _bytes(tmp_path / f"big-{name}") == want
+
+
+def _without_span(t: LazyTensor) -> LazyTensor:
+    return LazyTensor(t.name, t.dtype, t.shape, t.loader, t.source, t.storage_key)
+
+
+def test_kernel_copy_equals_memory_copy_and_reencoding(bf16_source, tmp_path, monkeypatch):
+    src = tmp_path / "in.gguf"
+    _convert(bf16_source, src, None, {"dtype": "bf16"}, threads=1)
+    copies = []
+    real_copy = mapped.copy_range
+
+    def counting(*args, **kw):
+        copies.append(args[2])
+        return real_copy(*args, **kw)
+
+    monkeypatch.setattr(stream, "copy_range", counting)
+    model = load_model(str(src))
+    matrices = [n for n, t in model.tensors.items() if len(t.shape) == 2]
+    save(model, tmp_path / "copied.gguf", quiet=True)
+    assert len(copies) == len(model.tensors)  # every tensor (bf16 matrices, f32 norms) kernel-copied
+    copies.clear()
+
+    model = load_model(str(src))
+    model.tensors = {n: _without_span(t) for n, t in model.tensors.items()}
+    save(model, tmp_path / "memory.gguf", quiet=True)
+    assert copies == []
+
+    model = load_model(str(src))  # re-encoded: bf16 -> float32 -> bf16 is exact
+    model.tensors = {n: t.derive(lambda a: a, dtype=dtypes.F32, float_input=True) if n in matrices else t
+                     for n, t in model.tensors.items()}
+    with contextlib.redirect_stderr(io.StringIO()):
+        save(model, tmp_path / "encoded.gguf", quiet=True, dtype="bf16")
+    copied = (tmp_path / "copied.gguf").read_bytes()
+    assert copied == (tmp_path / "memory.gguf").read_bytes()
+    assert copied == (tmp_path / "encoded.gguf").read_bytes()
+    assert copied == src.read_bytes()  # and the same as the input: a GGUF copy is the identity
+
+
+def test_results_say_what_was_done(tmp_path):
+    a = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    path = tmp_path / "a.safetensors"
+    model = modelgen.random_model(modelgen.llama_config(), seed=1)
+    safetensors_io.write(model, path, quiet=True)
+    tensors, _ = safetensors_io.read(path)
+    t = tensors["token_embd.weight"]
+    assert t.file_span() is not None
+    big = LazyTensor.from_array("big", a * 1e6)
+    with open(tmp_path / "out", "wb") as f:
+        r = stream.write_tensors(f, [(t, t.dtype), (t, dtypes.F16), (big, dtypes.F16)], threads=2)
+    assert [x.copied for x in r] == [True, False, False]
+    assert [x.overflowed for x in r] == [False, False, True]
+    assert [x.nbytes for x in r] == [t.nbytes, t.nbytes // 2, a.size * 2]
+    data = (tmp_path / "out").read_bytes()
+    assert data[:t.nbytes] == np.asarray(t.raw()).tobytes()
+    assert data[t.nbytes:t.nbytes + t.nbytes // 2] == np.asarray(t.raw()).astype("<f2").tobytes()
+
+
+def test_readers_report_spans_and_transforms_drop_them(bf16_source, tmp_path):
+    st = load_model(bf16_source)
+    assert all(t.file_span() is not None for t in st.tensors.values())
+    for n, t in st.tensors.items():
+        path, offset, nbytes = t.file_span()
+        assert mapped.read_bytes(path, offset, nbytes) == np.ascontiguousarray(t.raw()).tobytes(), n
+    g = tmp_path / "m.gguf"
+    _convert(bf16_source, g, None, {}, threads=1)
+    assert all(t.file_span() is not None for t in gguf_io.read(g).tensors.values())
+    hf = tmp_path / "hf"
+    _convert(bf16_source, hf, "hf", {}, threads=1)
+    back = load_model(str(hf))  # HF q/k are permuted on the way in: computed, no span
+    assert back.tensors["blk.0.attn_q.weight"].file_span() is None
+    assert back.tensors["blk.0.ffn_up.weight"].file_span() is not None
+    t = st.tensors["token_embd.weight"]
+    assert t.renamed("x").file_span() == t.file_span()
+    assert t.derive(lambda a: a).file_span() is None
+    assert LazyTensor.concat("c", [t, t], 0).file_span() is None
+
+
+def test_torch_zip_stored_tensors_have_spans(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = {"a": torch.arange(12, dtype=torch.float32).reshape(3, 4), "b": torch.ones(5, dtype=torch.bfloat16)}
+    sd["view"] = sd["a"][1:]  # a view at an offset in a's storage
+    sd["t"] = sd["a"].t()  # strided: no span
+    path = tmp_path / "sd.pt"
+    torch.save(sd, path)
+    from wconv.formats import torch_file
+
+    tensors = torch_file.load_pickled(str(path))
+    for name in ("a", "b", "view"):
+        t = tensors[name]
+        path_, offset, nbytes = t.file_span()
+        assert mapped.read_bytes(path_, offset, nbytes) == np.ascontiguousarray(t.raw()).tobytes(), name
+    assert tensors["t"].file_span() is None
