@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import glob
 import json
+import subprocess
 import os
 import shutil
 
 import numpy as np
 import pytest
+
+from helpers import WCONV
 import torch
 from safetensors import safe_open
 
@@ -140,6 +143,21 @@ def test_training_checkpoint_extras_summarised_in_metadata(tmp_path):
     optimizer = json.loads(meta["checkpoint.optimizer"])["optimizer"]
     assert optimizer["n_param_states"] == len(opt.state_dict()["state"]) and optimizer["n_tensors"] > 0
     assert sum(len(v) for v in meta.values()) < 4096  # a summary, not the optimizer's values
+
+
+def test_non_tensor_values_in_the_state_dict_are_named_and_kept_as_json(tmp_path):
+    ckpt = {"model": {"w": torch.randn(2, 3), "version": 3, "blocks": [{"b": torch.ones(2)}, "relu"]}, "step": 1}
+    src = tmp_path / "ckpt.pt"
+    torch.save(ckpt, src)
+    res = subprocess.run([WCONV, "convert", "-q", str(src), str(tmp_path / "m.safetensors")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    warnings = [line for line in res.stderr.splitlines() if "not tensors" in line]
+    assert len(warnings) == 1 and "(version, blocks.1)" in warnings[0]
+    got, meta = read_mirror(tmp_path / "m.safetensors")
+    assert sorted(got) == ["blocks.0.b", "w"]  # named as in the state dict, and so are the values
+    assert json.loads(meta["state_dict_values"]) == {"version": 3, "blocks.1": "relu"}
+    assert json.loads(meta["checkpoint.step"]) == 1
 
 
 def _views_and_dtypes() -> dict:

@@ -7,6 +7,8 @@ import os
 import re
 
 import numpy as np
+
+from wconv import dtypes
 import pytest
 
 from clirun import wconv
@@ -278,11 +280,17 @@ def test_inspect_tokenizer_shows_some_tokens():
     assert all(t["id"] > 258 for t in report["tokenizer"]["sample_tokens"])  # past <unk>, <s>, </s>, bytes
 
 
-def test_f16_overflow_check_ignores_infinities_already_in_the_source():
-    from wconv.formats.safetensors_io import _finite_source
+def test_f16_overflow_check_ignores_infinities_already_in_the_source(tmp_path):
+    from wconv import stream
 
-    assert not _finite_source(LazyTensor.from_array("x", np.array([1.0, np.inf], np.float32)))
-    assert _finite_source(LazyTensor.from_array("x", np.array([1.0, 1e6], np.float32)))
+    def overflowed(values):
+        t = LazyTensor.from_array("x", np.array(values, np.float32))
+        with open(tmp_path / "o.bin", "wb") as f:
+            (result,) = stream.write_tensors(f, [(t, dtypes.F16)], threads=1)
+        return result.overflowed
+
+    assert not overflowed([1.0, np.inf])  # already infinite in the source: nothing new to say
+    assert overflowed([1.0, 1e6])
 
 
 def test_tokenizer_beside_not_carried_is_named_once(tmp_path):

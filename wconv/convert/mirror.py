@@ -49,6 +49,16 @@ class MirrorPlan:
     tensors: list  # [(name, LazyTensor)] to write, in file order
     metadata: dict  # __metadata__ strings
     dropped: dict = field(default_factory=dict)  # alias name -> the name it is stored under
+    values: list = field(default_factory=list)  # dotted paths of non-tensor values inside the state dict
+
+    def notes(self) -> list:
+        """One line per kind of thing the mirror does not store as a tensor."""
+        lines = [self.note()] if self.dropped else []
+        if self.values:
+            shown = ", ".join(self.values[:3]) + (", ..." if len(self.values) > 3 else "")
+            lines.append(f"{len(self.values)} value(s) in the state dict are not tensors ({shown}): summarised as "
+                         "JSON in __metadata__ 'state_dict_values', not stored as tensors")
+        return lines
 
     def note(self) -> str | None:
         """One line naming the aliases that were stored once, or None."""
@@ -81,8 +91,27 @@ def plan_mirror(path) -> MirrorPlan:
         metadata[f"checkpoint.{key}"] = json.dumps(summarise(value), separators=(",", ":"))
     if dropped:
         metadata["shared_tensors"] = json.dumps(dropped, separators=(",", ":"))
+    # Non-tensor leaves of the mirrored tree (e.g. a "version" entry in a state dict): not lost silently.
+    rest = [k for k in tf.root if str(k) not in extras] if isinstance(tf.root, dict) else []
+    tree = tf.root[rest[0]] if len(rest) == 1 and isinstance(tf.root[rest[0]], dict) else tf.root  # {"model": sd}
+    values = {p: v for p, v in _non_tensor_leaves(tree) if tree is not tf.root or p.split(".")[0] not in extras}
+    if values:
+        metadata["state_dict_values"] = json.dumps(summarise(values), separators=(",", ":"))
     kept = [(n, t) for n, t in tensors.items() if n not in dropped]
-    return MirrorPlan(path, kept, metadata, dropped)
+    return MirrorPlan(path, kept, metadata, dropped, list(values))
+
+
+def _non_tensor_leaves(obj, prefix: str = ""):
+    """(dotted path, value) of every leaf of a dict/list tree that is not a tensor, in the
+    spelling iter_tensors gives tensor paths."""
+    if isinstance(obj, LazyTensor):
+        return
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else None
+    if items is None or not obj:
+        yield prefix or "value", obj
+        return
+    for k, v in items:
+        yield from _non_tensor_leaves(v, f"{prefix}.{k}" if prefix else str(k))
 
 
 def _check_storable(path, name, t: LazyTensor) -> None:

@@ -184,8 +184,8 @@ def mirror(src, out, *, force=False, quiet=False, dtype=None) -> str:
     plan = plan_mirror(src)
     with atomic_path(out, force=force, inputs=[src], own_output=own_output("safetensors")) as tmp:
         write_mirror(plan, tmp, quiet=quiet)
-    if plan.note():
-        warn(src, plan.note())
+    for line in plan.notes():
+        warn(src, line)
     return "safetensors"
 
 
