@@ -264,3 +264,16 @@ def round_trip(x: np.ndarray, dt: DType) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows = x.reshape(-1, x.shape[-1]) if x.ndim >= 1 else x.reshape(1, 1)
     return codec.decode(codec.encode(rows)).reshape(x.shape)
+
+
+def from_option(value, allowed: tuple, where, what: str) -> DType:
+    """The DType named by a --dtype value (or given as a DType), if `what` can store it.
+
+    The spellings are the table's (the type name in lower case, for types wconv can write)."""
+    from .errors import UsageError
+
+    dt = by_option(value)
+    if dt is None or dt.name.lower() not in allowed:
+        choices = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+        raise UsageError(where, f"{what} supports --dtype {choices}, not {value}")
+    return dt

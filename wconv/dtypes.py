@@ -79,20 +79,6 @@ def by_name(name: str) -> DType:
     return ALL[name]
 
 
-def from_option(value, allowed: tuple, where, what: str) -> DType:
-    """The DType named by a --dtype value (or given as a DType), if `what` can store it.
-
-    The spellings are wconv.codecs' (the type name in lower case, for types wconv can write)."""
-    from .codecs import by_option
-    from .errors import UsageError
-
-    dt = by_option(value)
-    if dt is None or dt.name.lower() not in allowed:
-        choices = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
-        raise UsageError(where, f"{what} supports --dtype {choices}, not {value}")
-    return dt
-
-
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """Widen raw bfloat16 bits (uint16) to float32: bf16 is the top half of an f32."""
     raw = np.asarray(raw, dtype=np.uint16)

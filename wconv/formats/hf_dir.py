@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from .. import arch, dtypes
+from .. import arch, codecs, dtypes
 from ..errors import UnsupportedError, UsageError, WconvError
 from ..model import Model
 from ..notes import emit as emit_notes
@@ -88,7 +88,7 @@ def output_dtype(model, dtype=None) -> dtypes.DType:
     """One element type for every tensor: the requested one, else the source's if it has a
     single f32/f16/bf16 type, else f32 (lossless for mixed and quantised sources)."""
     if dtype is not None:
-        return dtypes.from_option(dtype, ("f32", "f16", "bf16"), None, "Hugging Face output")
+        return codecs.from_option(dtype, ("f32", "f16", "bf16"), None, "Hugging Face output")
     kinds = {t.dtype for t in model.tensors.values()}
     if len(kinds) == 1 and next(iter(kinds)).name in _TORCH_DTYPE:
         return next(iter(kinds))

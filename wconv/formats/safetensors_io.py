@@ -17,7 +17,7 @@ import struct
 
 import numpy as np
 
-from .. import arch, dtypes, quant, stream
+from .. import arch, codecs, dtypes, quant, stream
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -184,7 +184,7 @@ def hf_config(model) -> dict:
 
 def check_options(model, out, *, dtype=None) -> None:
     """Refuse, naming OUT, what a safetensors file cannot hold, before anything is written."""
-    requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), out, "safetensors output") if dtype else None
+    requested = codecs.from_option(dtype, ("f32", "f16", "bf16"), out, "safetensors output") if dtype else None
     for t in model.tensors.values():
         _out_dtype(t, requested)  # a tensor with no safetensors form is refused here (names its source)
 
@@ -197,7 +197,7 @@ def write(model, tmp_path, *, quiet: bool = False, dtype=None, names: str = "can
     given as `notes`, added to it for the caller to print (hf_dir: once for every shard)."""
     requested = None
     if dtype is not None:
-        requested = dtypes.from_option(dtype, ("f32", "f16", "bf16"), model.path or tmp_path, "safetensors output")
+        requested = codecs.from_option(dtype, ("f32", "f16", "bf16"), model.path or tmp_path, "safetensors output")
     if names == "canonical":
         plan = list(model.tensors.items())
     elif names == "hf":

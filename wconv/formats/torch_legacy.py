@@ -99,8 +99,7 @@ def open_legacy(mf, path, allow_unknown_globals, limits):
         st = storages.get(key)
         if st is None:
             raise FormatError(path, f"legacy torch file has data for storage {key} that nothing uses")
-        st.fetch = _fetcher(mf, pos, st)
-        st.locate = (lambda at: lambda: at)(pos + 8)
+        st.fetch, st.locate = _accessors(mf, pos, st)
         pos += 8 + st.nbytes
     mf.check_range(data_start, pos - data_start, "storage data")  # arithmetic only: reads nothing
     missing = [k for k in storages if k not in set(keys)]
@@ -127,16 +126,25 @@ def scan_stream(view, size, path, *, start=0, labels=LEGACY_PICKLES, limits=None
     return out
 
 
-def _fetcher(mf, header_at: int, st: Storage):
+def _accessors(mf, header_at: int, st: Storage):
+    """(fetch, locate) of a storage: its bytes as a view, or their file offset for a kernel copy;
+    either checks the element count stored before the bytes first."""
     checked = []
 
-    def fetch():
+    def check():
         if not checked:
             (numel,) = struct.unpack("<q", mf.read(header_at, 8, f"header of storage {st.key}"))
             if numel * st.dtype.itemsize != st.nbytes:
                 raise FormatError(mf.path, f"storage {st.key} holds {numel} elements in the file but the "
                                            f"pickle declares {st.nbytes // max(st.dtype.itemsize, 1)}")
             checked.append(True)
+
+    def fetch():
+        check()
         return mf.view(header_at + 8, st.nbytes, f"data of storage {st.key}")
 
-    return fetch
+    def locate():
+        check()
+        return header_at + 8
+
+    return fetch, locate
