@@ -67,11 +67,17 @@ def failing_model(model, *, fail_after: int, record, exc=None):
     return model, state
 
 
+def _default_sigint():
+    # A test run started in the background of a non-interactive shell ignores SIGINT, and the
+    # child would inherit that (wconv, like any program, keeps an ignored SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_freeze(args, out, ready):
     """Start `wconv convert -q ARGS` writing `out`, and SIGSTOP it once `ready(temporary output)`
     is true: (process, temporary path). Fails the test if that never happens."""
     proc = subprocess.Popen([WCONV, "convert", "-q", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     pattern = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.*{TMP_SUFFIX}")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
