@@ -11,16 +11,13 @@ import os
 import re
 
 from ..errors import FormatError, UnsupportedError
+from ..formats import hf_dir
 from ..model import Model
 from ..sniff import sniff
 from . import state_dict as sd
 
 META_SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
-# (index file, single file, reader kind), in order of preference.
-HF_WEIGHTS = (
-    ("model.safetensors.index.json", "model.safetensors", "safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin", "torch"),
-)
+HF_WEIGHTS = hf_dir.WEIGHTS
 MODEL_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors", ".gguf", ".ggml", ".ggjt", ".ckpt")
 
 
@@ -196,62 +193,8 @@ def _load_meta_dir(path, names, allow_unknown_globals, strict) -> Model:
 
 
 def _load_hf_dir(path, names, allow_unknown_globals, strict) -> Model:
-    config_path = os.path.join(path, "config.json")
-    hf_config = read_json(config_path)
-    for index_name, single_name, kind in HF_WEIGHTS:
-        if index_name in names:
-            files = _index_files(os.path.join(path, index_name))
-            index_files = [os.path.join(path, index_name)]
-            break
-        if single_name in names:
-            files, index_files = {single_name: None}, []
-            break
-    tensors, st_meta, fmt, stored = {}, {}, "safetensors", []
-    for fname, wanted in files.items():
-        fpath = os.path.join(path, fname)
-        if kind == "safetensors":
-            from ..formats.safetensors_io import read
-
-            got, meta = read(fpath)
-            st_meta = st_meta or meta
-        else:
-            fmt = _torch_format(fpath)
-            got, _, _ = _read_torch(fpath, allow_unknown_globals)
-        if wanted is not None:
-            absent = [n for n in wanted if n not in got]
-            if absent:
-                raise FormatError(fpath, f"does not contain {_short(absent)} that {index_files[0]} "
-                                         "says it holds")
-            got = {n: t for n, t in got.items() if n in wanted}
-        for n, t in got.items():
-            if n in tensors:
-                raise FormatError(fpath, f"tensor {n!r} also appears in another shard")
-            tensors[n] = t
-            stored.append((fpath, n, t))
-    inputs = index_files + [os.path.join(path, f) for f in files] + [config_path]
-    return sd.build_model(tensors, path=path, source_format=fmt, files=inputs, hf_config=hf_config,
-                          st_metadata=st_meta, strict=strict, stored=stored)
-
-
-def _short(items, n=3):
-    items = list(items)
-    return ", ".join(repr(i) for i in items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
-
-
-def _index_files(index_path) -> dict:
-    """{shard file: set of tensor names} from an HF *.index.json, with the files checked."""
-    index = read_json(index_path)
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise FormatError(index_path, "no weight_map (tensor name -> shard file) in the index")
-    files = {}
-    for name, fname in weight_map.items():
-        if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
-            raise FormatError(index_path, f"weight_map entry {name!r} names an invalid file {fname!r}")
-        files.setdefault(fname, set()).add(name)
-    directory = os.path.dirname(index_path)
-    files = dict(sorted(files.items()))
-    for fname in files:
-        if not os.path.isfile(os.path.join(directory, fname)):
-            raise FormatError(index_path, f"names shard {fname} which does not exist")
-    return files
+    files = hf_dir.read_files(path, names, read_torch=lambda f: _read_torch(f, allow_unknown_globals)[0],
+                              read_json=read_json)
+    fmt = "safetensors" if files.kind == "safetensors" else _torch_format(files.weights[0])
+    return sd.build_model(files.tensors, path=path, source_format=fmt, files=files.inputs, hf_config=files.config,
+                          st_metadata=files.st_metadata, strict=strict, stored=files.stored)

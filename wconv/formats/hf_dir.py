@@ -21,7 +21,7 @@ import shutil
 import numpy as np
 
 from .. import arch, codecs, dtypes
-from ..errors import UnsupportedError, UsageError, WconvError
+from ..errors import FormatError, UnsupportedError, UsageError, WconvError
 from ..model import Model
 from ..notes import emit as emit_notes
 from ..notes import tensor_note
@@ -247,3 +247,86 @@ def _write_json(path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+# ----------------------------------------------------------------------------- reading
+# (index file, single file, reader kind), in order of preference.
+WEIGHTS = (
+    ("model.safetensors.index.json", "model.safetensors", "safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin", "torch"),
+)
+
+
+@dataclasses.dataclass
+class HFFiles:
+    """The files of an HF model directory, read: config.json and every weight shard's tensors."""
+    config: dict
+    kind: str  # "safetensors" or "torch"
+    weights: list  # weight file paths, in shard order
+    tensors: dict  # HF name -> LazyTensor
+    stored: list  # [(file, name, LazyTensor)] in file order: the file view
+    st_metadata: dict  # the first safetensors shard's __metadata__
+    inputs: list  # every file read (index, shards, config.json)
+
+
+def read_files(path, names, *, read_torch, read_json) -> HFFiles:
+    """Read directory `path` (whose entries are `names`) as an HF checkpoint. read_torch(file) ->
+    {name: LazyTensor} and read_json(file) -> dict are the caller's (the torch reader lives with the
+    checkpoint layouts); shards are checked against their index."""
+    config_path = os.path.join(path, "config.json")
+    config = read_json(config_path)
+    for index_name, single_name, kind in WEIGHTS:
+        if index_name in names:
+            files = _index_files(os.path.join(path, index_name), read_json)
+            index_files = [os.path.join(path, index_name)]
+            break
+        if single_name in names:
+            files, index_files = {single_name: None}, []
+            break
+    else:
+        raise FormatError(path, "config.json found but no model.safetensors, pytorch_model.bin or their .index.json")
+    tensors, st_meta, stored = {}, {}, []
+    for fname, wanted in files.items():
+        fpath = os.path.join(path, fname)
+        if kind == "safetensors":
+            got, meta = safetensors_io.read(fpath)
+            st_meta = st_meta or meta
+        else:
+            got = read_torch(fpath)
+        if wanted is not None:
+            absent = [n for n in wanted if n not in got]
+            if absent:
+                raise FormatError(fpath, f"does not contain {_short(absent)} that {index_files[0]} "
+                                         "says it holds")
+            got = {n: t for n, t in got.items() if n in wanted}
+        for n, t in got.items():
+            if n in tensors:
+                raise FormatError(fpath, f"tensor {n!r} also appears in another shard")
+            tensors[n] = t
+            stored.append((fpath, n, t))
+    weights = [os.path.join(path, f) for f in files]
+    return HFFiles(config, kind, weights, tensors, stored, st_meta, index_files + weights + [config_path])
+
+
+def _short(items, n=3):
+    items = list(items)
+    return ", ".join(repr(i) for i in items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _index_files(index_path, read_json) -> dict:
+    """{shard file: set of tensor names} from an HF *.index.json, with the files checked."""
+    index = read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(index_path, "no weight_map (tensor name -> shard file) in the index")
+    files = {}
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
+            raise FormatError(index_path, f"weight_map entry {name!r} names an invalid file {fname!r}")
+        files.setdefault(fname, set()).add(name)
+    directory = os.path.dirname(index_path)
+    files = dict(sorted(files.items()))
+    for fname in files:
+        if not os.path.isfile(os.path.join(directory, fname)):
+            raise FormatError(index_path, f"names shard {fname} which does not exist")
+    return files
