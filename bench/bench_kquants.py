@@ -82,7 +82,7 @@ def llama_cpp_quantize(src: str, dst: str, ftype: str) -> tuple[float, float]:
 def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float, float, dict]:
     import gguf
 
-    from wconv import kquants, quant_mix
+    from wconv import codecs, quant_mix
     from wconv.parallel import ordered_map
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -102,7 +102,7 @@ def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float
         name, qtype, piece = item
         if qtype == "F32":
             return name, np.ascontiguousarray(piece, np.float32).view(np.uint8).reshape(-1)
-        return name, kquants.ENCODERS[qtype](np.asarray(piece, np.float32))
+        return name, codecs.get(qtype).encode(np.asarray(piece, np.float32))
 
     offsets = {}
     with open(dst, "wb") as f:
