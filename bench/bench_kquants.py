@@ -6,7 +6,7 @@ ftype (default Q4_K_M and Q6_K):
 
   llama.cpp: llama_model_quantize (llama-cpp-python, default params, nthread 2)
   wconv:     quant_mix.plan for the types, then every tensor encoded with
-             kquants.ENCODERS in pieces of rows on 2 threads (parallel.ordered_map)
+             the codec table's encoders (wconv.kquants, wconv.blockquant) in pieces of rows on 2 threads
              and written to a file, tensor after tensor
 
 each side in its own subprocess, and prints wall and CPU times (both sides use 2
