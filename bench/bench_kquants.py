@@ -230,7 +230,8 @@ def main() -> None:
         cr = run_side("cli", src, cli_out, ftype, args.layers)
         ok = same_gguf_tensors(cli_out, theirs)
         print(f"{'':7s} wconv convert --dtype {ftype} --threads 2: wall {cr['wall']:6.1f} s (ratio "
-              f"{cr['wall'] / lr['wall']:4.2f}), cpu {cr['cpu']:6.1f} s, peak anon RSS {cr['anon_peak'] / mib:5.0f} MiB "
+              f"{cr['wall'] / lr['wall']:4.2f}), cpu {cr['cpu']:6.1f} s, "
+              f"peak anon RSS {cr['anon_peak'] / mib:5.0f} MiB "
               f"| tensors {'identical' if ok else 'DIFFER'}")
 
 

@@ -172,7 +172,8 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @_quiet
 @_threads
 @_verbose
-def convert(src, out, to, dtype, output_tensor_type, token_embedding_type, pure, names, max_shard_size, split_max_size, split_max_tensors, vocab_only, dry_run, name,
+def convert(src, out, to, dtype, output_tensor_type, token_embedding_type, pure, names, max_shard_size, split_max_size,
+            split_max_tensors, vocab_only, dry_run, name,
             metadata, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose,
             threads):
     """Convert SRC (any readable format) to OUT.

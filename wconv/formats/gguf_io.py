@@ -604,8 +604,8 @@ def mix_overrides(out, dtype, output_tensor_type=None, token_embedding_type=None
     given = [o for o, v in (("--output-tensor-type", output_tensor_type), ("--token-embedding-type",
                                                                           token_embedding_type), ("--pure", pure)) if v]
     if not quant.is_mix(dtype):
-        raise UsageError(out, f"{', '.join(given)} apply to a quantised --dtype ({', '.join(quant_mix.QUANTISED_FTYPES)})"
-                              f", not {dtype or 'the default (keep each type)'}")
+        raise UsageError(out, f"{', '.join(given)} apply to a quantised --dtype "
+                              f"({', '.join(quant_mix.QUANTISED_FTYPES)}), not {dtype or 'the default (keep each type)'}")
     for option, value in (("--output-tensor-type", output_tensor_type), ("--token-embedding-type",
                                                                          token_embedding_type)):
         if value is not None and str(value).upper() not in quant_mix.BLOCK:
