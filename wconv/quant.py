@@ -158,8 +158,7 @@ def plan_types(tensors, option: str | None, *, can_hold) -> TypePlan:
     plan = TypePlan({}, option=option)
     for t in tensors:
         src = t.dtype
-        if not src.is_float or src.name.startswith("C"):
-            raise ValueError(f"tensor {t.name} has element type {src.name}, which is not a weight type")
+        _check_weight_type(t)
         if len(t.shape) <= 1:
             plan.types[t.name] = dtypes.F32
             continue
