@@ -5,8 +5,10 @@ vocab 32000, untied; 2 layers by default) with wconv, then in the same run, for 
 ftype (default Q4_K_M and Q6_K):
 
   llama.cpp: llama_model_quantize (llama-cpp-python, default params, nthread 2)
+  wconv convert SRC OUT.gguf --dtype FTYPE --threads 2 (the CLI's real path), and, for
+  the encoders alone,
   wconv:     quant_mix.plan for the types, then every tensor encoded with
-             kquants.ENCODERS in pieces of rows on 2 threads (parallel.ordered_map)
+             the codec table's encoders (wconv.kquants, wconv.blockquant) in pieces of rows on 2 threads
              and written to a file, tensor after tensor
 
 each side in its own subprocess, and prints wall and CPU times (both sides use 2
@@ -82,7 +84,7 @@ def llama_cpp_quantize(src: str, dst: str, ftype: str) -> tuple[float, float]:
 def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float, float, dict]:
     import gguf
 
-    from wconv import kquants, quant_mix
+    from wconv import codecs, quant_mix
     from wconv.parallel import ordered_map
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -102,7 +104,7 @@ def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float
         name, qtype, piece = item
         if qtype == "F32":
             return name, np.ascontiguousarray(piece, np.float32).view(np.uint8).reshape(-1)
-        return name, kquants.ENCODERS[qtype](np.asarray(piece, np.float32))
+        return name, codecs.get(qtype).encode(np.asarray(piece, np.float32))
 
     offsets = {}
     with open(dst, "wb") as f:
@@ -111,6 +113,31 @@ def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float
             offsets[name][1] += data.size
             f.write(memoryview(data))
     return time.perf_counter() - t0, time.process_time() - c0, offsets
+
+
+def wconv_cli(src: str, dst: str, ftype: str) -> tuple[float, float]:
+    """The real path: `wconv convert SRC DST --dtype FTYPE --threads 2` (plan, stream, GGUF writer)."""
+    from click.testing import CliRunner
+
+    from wconv.cli import main as cli
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = CliRunner().invoke(cli, ["convert", src, dst, "--dtype", ftype, "--threads", "2", "-q", "--force"])
+    assert r.exit_code == 0, r.output
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def same_gguf_tensors(ours_path: str, theirs_path: str) -> bool:
+    import gguf
+
+    ours = {t.name: t for t in gguf.GGUFReader(ours_path).tensors}
+    for t in gguf.GGUFReader(theirs_path).tensors:
+        mine = ours.get(t.name)
+        if mine is None or mine.tensor_type != t.tensor_type or \
+                np.asarray(mine.data).tobytes() != np.asarray(t.data).tobytes():
+            print(f"  differs: {t.name}")
+            return False
+    return len(ours) == len(gguf.GGUFReader(theirs_path).tensors)
 
 
 def same_bytes(ours_path: str, offsets: dict, theirs_path: str) -> bool:
@@ -166,12 +193,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--ftypes", default="q4_k_m,q6_k")
     ap.add_argument("--workdir", default="/tmp/wconv-kq-bench")
-    ap.add_argument("--side", choices=["llama", "wconv"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["llama", "wconv", "cli"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side == "llama":
         wall, cpu = llama_cpp_quantize(args.src, args.dst, args.ftypes)
+        print(json.dumps({"wall": wall, "cpu": cpu}))
+        return
+    if args.side == "cli":
+        wall, cpu = wconv_cli(args.src, args.dst, args.ftypes)
         print(json.dumps({"wall": wall, "cpu": cpu}))
         return
     if args.side == "wconv":
@@ -195,6 +226,13 @@ def main() -> None:
               f"ratio {wr['wall'] / lr['wall']:4.2f} | cpu: llama.cpp {lr['cpu']:6.1f} s, wconv {wr['cpu']:6.1f} s, "
               f"ratio {wr['cpu'] / lr['cpu']:4.2f} | peak anon RSS: llama.cpp {lr['anon_peak'] / mib:5.0f} MiB, "
               f"wconv {wr['anon_peak'] / mib:5.0f} MiB | bytes {'identical' if ok else 'DIFFER'}")
+        cli_out = os.path.join(args.workdir, f"wconv-cli-{ftype}.gguf")
+        cr = run_side("cli", src, cli_out, ftype, args.layers)
+        ok = same_gguf_tensors(cli_out, theirs)
+        print(f"{'':7s} wconv convert --dtype {ftype} --threads 2: wall {cr['wall']:6.1f} s (ratio "
+              f"{cr['wall'] / lr['wall']:4.2f}), cpu {cr['cpu']:6.1f} s, "
+              f"peak anon RSS {cr['anon_peak'] / mib:5.0f} MiB "
+              f"| tensors {'identical' if ok else 'DIFFER'}")
 
 
 if __name__ == "__main__":

@@ -184,3 +184,35 @@ def test_encoders_are_bit_exact_with_ggml(name):
     want = ggml(hard, name).reshape(got.shape)
     bad = [i for i in range(len(got)) if got[i].tobytes() != want[i].tobytes()]
     assert not bad, f"{name}: blocks {bad} differ from ggml"
+
+
+def test_plugins_load_once_for_concurrent_first_users(monkeypatch):
+    """Encoder threads may be the first to need a plugin's encoder: none sees it missing."""
+    import threading
+    import time
+
+    for name in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        monkeypatch.setattr(codecs.get(name), "encoder", None)
+    monkeypatch.setattr(codecs, "_plugins_loaded", False)
+    real_import = codecs.importlib.import_module
+
+    def slow_import(name):  # widen the window in which the first thread is still registering
+        time.sleep(0.05)
+        return real_import(name)
+
+    monkeypatch.setattr(codecs.importlib, "import_module", slow_import)
+    errors, start = [], threading.Barrier(8)
+
+    def first_use():
+        start.wait()
+        try:
+            codecs.get("Q6_K").encode(np.zeros((1, 256), np.float32))
+        except Exception as e:  # noqa: BLE001 - the failure under test
+            errors.append(e)
+
+    threads = [threading.Thread(target=first_use) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 
 import ggml_ref
-from wconv import kquants
+from wconv import codecs, dtypes, kquants
 
 K_TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 ALL_TYPES = K_TYPES + ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+
+
+def encoder(qtype):
+    """The one encoder wconv has for qtype: kquants' for k-quants, the codec table's (blockquant) otherwise."""
+    return kquants.ENCODERS[qtype] if qtype in K_TYPES else codecs.get(qtype).encode
 
 # Round trip through gguf-py's decoder on N(0, 1) rows: bounds on (max |error| / max |x|,
 # RMS error / RMS x), about 1.5x what was measured (Q2_K 0.31/0.30, Q4_K 0.053/0.071,
@@ -89,9 +94,9 @@ CASES = _cases()
 def test_bytes_equal_ggml(ggml, qtype, case):
     x = CASES[case].astype(np.float32)
     want = ggml_ref.quantize(qtype, x)
-    got = kquants.ENCODERS[qtype](x)
+    got = encoder(qtype)(x)
     assert got.dtype == np.uint8 and got.shape == want.shape
-    nbytes = kquants.BLOCK_BYTES[qtype]
+    nbytes = dtypes.ALL[qtype].block_bytes
     bad = np.nonzero((got.reshape(-1, nbytes) != want.reshape(-1, nbytes)).any(axis=1))[0]
     assert bad.size == 0, f"{qtype} {case}: {bad.size} blocks differ, first {bad[:8]}"
 
@@ -113,19 +118,20 @@ def test_round_trip_through_gguf_decoder(qtype):
 
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 1024)).astype(np.float32)
-    back = dequantize(kquants.ENCODERS[qtype](x), GGMLQuantizationType[qtype]).reshape(x.shape)
+    back = dequantize(encoder(qtype)(x), GGMLQuantizationType[qtype]).reshape(x.shape)
     err = np.abs(back - x).max() / np.abs(x).max()
     rel = np.linalg.norm(back - x) / np.linalg.norm(x)
     assert err < ROUND_TRIP[qtype][0] and rel < ROUND_TRIP[qtype][1], f"{qtype}: {err} {rel}"
-    zeros = dequantize(kquants.ENCODERS[qtype](np.zeros((2, 512), np.float32)), GGMLQuantizationType[qtype])
+    zeros = dequantize(encoder(qtype)(np.zeros((2, 512), np.float32)), GGMLQuantizationType[qtype])
     assert not np.any(zeros)
 
 
 @pytest.mark.parametrize("qtype", ALL_TYPES)
 def test_output_size_and_row_checks(qtype):
     x = np.ones((3, 512), np.float32)
-    assert kquants.ENCODERS[qtype](x).size == 3 * 512 // kquants.BLOCK_SIZE[qtype] * kquants.BLOCK_BYTES[qtype]
-    if kquants.BLOCK_SIZE[qtype] == 256:
+    dt = dtypes.ALL[qtype]
+    assert encoder(qtype)(x).size == 3 * 512 // dt.block * dt.block_bytes
+    if dt.block == 256:
         with pytest.raises(ValueError, match="multiple of 256"):
             kquants.ENCODERS[qtype](np.ones((2, 288), np.float32))
 
@@ -158,7 +164,7 @@ def test_numpy_axis0_reduction_is_sequential():
 
 @pytest.mark.interop
 def test_gguf_py_signed_zero_blocks_differ_from_ggml_and_ours_do_not(ggml):
-    """Why kquants carries its own Q4_0/Q4_1/Q5_0/Q5_1: gguf-py takes the other signed zero."""
+    """Why wconv carries its own Q4_0/Q4_1/Q5_0/Q5_1 (wconv.blockquant): gguf-py takes the other signed zero."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
 
@@ -169,5 +175,13 @@ def test_gguf_py_signed_zero_blocks_differ_from_ggml_and_ours_do_not(ggml):
     x[2, 32] = -0.0
     for qtype in ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]:
         want = ggml_ref.quantize(qtype, x)
-        assert np.array_equal(kquants.ENCODERS[qtype](x), want), qtype
+        assert np.array_equal(encoder(qtype)(x), want), qtype
         assert not np.array_equal(quantize(x, GGMLQuantizationType[qtype]).reshape(-1), want), qtype
+
+
+def test_one_encoder_per_type():
+    """k-quants come from wconv.kquants, the legacy 32-blocks from the codec table (wconv.blockquant) only."""
+    assert set(kquants.ENCODERS) == set(K_TYPES)
+    codecs.load_plugins()
+    for t in K_TYPES:
+        assert codecs.get(t).encoder is kquants.ENCODERS[t]

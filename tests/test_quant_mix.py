@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import modelgen
-from wconv import kquants, quant_mix
+from wconv import codecs, quant_mix
 from wconv.formats import gguf_io
 from wconv.quant_mix import HParams, Overrides
 from wconv.tensor import LazyTensor
@@ -203,7 +203,7 @@ def encode(src_cache, data, name, qtype):
             from gguf.quants import quantize
             b = quantize(x.astype(np.float32), GGMLQuantizationType.BF16).view(np.uint8).reshape(-1)
         else:
-            b = kquants.ENCODERS[qtype](x)
+            b = codecs.get(qtype).encode(x)
         src_cache[key] = b
     return src_cache[key]
 

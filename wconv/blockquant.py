@@ -15,7 +15,8 @@ The C details reproduced:
 - Q4_0/Q5_0: `max` is the first value whose |v| exceeds every earlier one, starting from
   amax = +0 and max = +0 (NaN never exceeds, an all-zero block keeps max = +0, so d = -0).
 - Q4_1/Q5_1: min and max start at FLT_MAX and -FLT_MAX and take only values that compare
-  below/above (so NaN is skipped and +inf never becomes the minimum).
+  below/above (so NaN is skipped, +inf never becomes the minimum, and of +0.0 and -0.0
+  the first one seen is kept).
 - (int8_t)(float) is x86's truncating conversion to int32 (INT_MIN for NaN or overflow)
   keeping the low byte; then MIN(15 or 31, ...).
 """
@@ -97,9 +98,17 @@ def _signed_max(xb, h):
 
 
 def _min_max(xb):
-    """Q4_1/Q5_1's min and max: from FLT_MAX / -FLT_MAX, NaN skipped."""
+    """Q4_1/Q5_1's min and max: from FLT_MAX / -FLT_MAX, NaN skipped. C's strict `<` / `>`
+    keeps the first of equal values, which only shows for zeros: a block's min or max of
+    zero takes the sign of its first zero (fmin/fmax may return either)."""
     lo = np.fmin(_FLT_MAX, np.fmin.reduce(xb, axis=1))
     hi = np.fmax(-_FLT_MAX, np.fmax.reduce(xb, axis=1))
+    zero = np.flatnonzero((lo == 0) | (hi == 0))
+    if zero.size:
+        blocks = xb[zero]
+        first = blocks[np.arange(zero.size), (blocks == 0).argmax(axis=1)]
+        lo[zero] = np.where(lo[zero] == 0, first, lo[zero])
+        hi[zero] = np.where(hi[zero] == 0, first, hi[zero])
     return lo, hi
 
 

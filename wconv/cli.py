@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__, arch, codecs
+from . import __version__, arch, codecs, quant_mix
 from .errors import WconvError
 
 
@@ -68,6 +68,12 @@ def main():
 
 
 main.help = f"{_inspect_doc.cleandoc(main.help)}\n\nArchitectures: {arch.summary()}."  # from the registry, wconv/arch/
+
+
+# --dtype: llama.cpp's file type names (wconv.quant_mix), of the types wconv can write.
+DTYPE_CHOICES = tuple(f for f in ("f32", "f16", "bf16", *quant_mix.LEGACY, *quant_mix.K_MIXES)
+                      if f in quant_mix.FTYPES and codecs.by_option(quant_mix.FTYPES[f][1]) is not None)
+MIX_TYPES = tuple(t.lower() for t in quant_mix.BLOCK)  # --output-tensor-type / --token-embedding-type
 
 
 def _llama2c_options(fn):
@@ -132,9 +138,18 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @click.option("--to", "to", type=click.Choice(["gguf", "safetensors", "llama2c", "ggjt", "hf"]),
               help="Output format (default: from OUT's extension: .gguf, .safetensors, .bin, .ggjt). "
                    "hf: a Hugging Face model directory OUT (config.json + safetensors) transformers loads.")
-@click.option("--dtype", type=click.Choice(codecs.options(ggml=True)),
-              help="Output element type (gguf/ggjt/safetensors/hf; hf and safetensors: f32/f16/bf16; "
-                   "ggjt: no bf16). 1-D tensors stay f32 in GGUF.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES, case_sensitive=False),
+              help="Output element type, llama.cpp's names (gguf/ggjt/safetensors/hf; hf and safetensors: "
+                   "f32/f16/bf16; ggjt: no bf16 and no k-quants). GGUF: a quantised type gives each tensor "
+                   "the type llama-quantize gives it (q4_k_m: mostly Q4_K, output Q6_K, ...); 1-D tensors "
+                   "stay f32.")
+@click.option("--output-tensor-type", type=click.Choice(MIX_TYPES, case_sensitive=False),
+              help="GGUF with a quantised --dtype: output.weight (or the tied embedding) as this type "
+                   "(llama-quantize's option).")
+@click.option("--token-embedding-type", type=click.Choice(MIX_TYPES, case_sensitive=False),
+              help="GGUF with a quantised --dtype: token_embd.weight as this type (llama-quantize's option).")
+@click.option("--pure", is_flag=True, help="GGUF with a quantised --dtype: every quantisable tensor as the "
+                                           "mix's base type, no per-tensor rules (llama-quantize --pure).")
 @click.option("--names", type=click.Choice(["stored", "canonical"]),
               help="safetensors output: 'stored' (the default for a torch file) mirrors its state dict exactly "
                    "(names, dtypes, shapes, values; a training checkpoint's other entries summarised in "
@@ -157,7 +172,8 @@ def inspect(path, as_json, stats, quiet, allow_unknown_globals):
 @_quiet
 @_threads
 @_verbose
-def convert(src, out, to, dtype, names, max_shard_size, split_max_size, split_max_tensors, vocab_only, dry_run, name,
+def convert(src, out, to, dtype, output_tensor_type, token_embedding_type, pure, names, max_shard_size, split_max_size,
+            split_max_tensors, vocab_only, dry_run, name,
             metadata, bin_version, group_size, max_seq_len, tokenizer, force, quiet, verbose,
             threads):
     """Convert SRC (any readable format) to OUT.
@@ -168,7 +184,9 @@ def convert(src, out, to, dtype, names, max_shard_size, split_max_size, split_ma
     """
     from .convert.save import convert as do_convert
 
-    do_convert(src, out, to=to, dtype=dtype, names=names, version=bin_version, group_size=group_size,
+    do_convert(src, out, to=to, dtype=dtype and dtype.lower(), output_tensor_type=output_tensor_type,
+               token_embedding_type=token_embedding_type, pure=pure, names=names, version=bin_version,
+               group_size=group_size,
                max_seq_len=max_seq_len, max_shard_size=max_shard_size, split_max_size=split_max_size,
                split_max_tensors=split_max_tensors, vocab_only=vocab_only, dry_run=dry_run, name=name,
                metadata=metadata, tokenizer=tokenizer, force=force, quiet=quiet,

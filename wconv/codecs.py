@@ -18,6 +18,7 @@ and all -0.0 blocks, and is slower). Other modules add encoders with `register_e
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -183,26 +184,31 @@ def register_encoder(name: str, fn: Callable) -> None:
 
 
 _plugins_loaded = False
+_plugins_lock = threading.Lock()
 
 
 def load_plugins() -> None:
     """Import the modules in PLUGINS that exist and register their ENCODERS (once) for the
-    types that have none yet."""
+    types that have none yet. Thread-safe: encoder threads of a writer may be the first to
+    ask, and none may see the table half filled."""
     global _plugins_loaded
     if _plugins_loaded:
         return
-    _plugins_loaded = True
-    for module_name in PLUGINS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
-            continue
-        for name, fn in getattr(module, "ENCODERS", {}).items():
-            # The table's own encoders (checked against ggml) stay; plugins fill the gaps.
-            if name in CODECS and CODECS[name].encoder is None:
-                register_encoder(name, fn)
+    with _plugins_lock:
+        if _plugins_loaded:
+            return
+        for module_name in PLUGINS:
+            try:
+                module = importlib.import_module(module_name)
+            except ModuleNotFoundError as e:
+                if e.name != module_name:
+                    raise
+                continue
+            for name, fn in getattr(module, "ENCODERS", {}).items():
+                # The table's own encoders (checked against ggml) stay; plugins fill the gaps.
+                if name in CODECS and CODECS[name].encoder is None:
+                    register_encoder(name, fn)
+        _plugins_loaded = True
 
 
 def writable(*, ggml: bool = False) -> list[Codec]:

@@ -2,8 +2,8 @@
 
 Follows ggml/src/ggml-quants.c of the llama.cpp that llama-cpp-python 0.3.36 builds:
 quantize_row_q{2,3,4,5,6}_K_ref (what llama-quantize runs when no importance matrix
-is given) and quantize_row_q{4_0,4_1,5_0,5_1,8_0}_ref. Own code, written from the C
-for the facts that decide the bytes:
+is given). The legacy 32-blocks (Q4_0 ... Q8_0) are wconv.blockquant's: one encoder
+per type in wconv.codecs. Own code, written from the C for the facts that decide the bytes:
 
 - every value is float32 and every expression is evaluated in the C order;
 - C sums run sequentially from 0. Arrays here are laid out (elements, sub-blocks), so
@@ -36,10 +36,8 @@ _MAGIC = F32(12582912.0)  # 1.5 * 2**23
 _GROUP_MAX_EPS = F32(1e-15)
 _CHUNK_BLOCKS = 512  # super-blocks per chunk: a few hundred KB per working array
 
-BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
-               "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
-BLOCK_SIZE = {"Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K,
-              "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32}
+BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BLOCK_SIZE = {"Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
 
 
 # ---------------------------------------------------------------- helpers
@@ -451,83 +449,6 @@ def _q3_K_chunk(x, exact=False):
     return np.concatenate([hmask, _pack_2bit(levels), sc, d.view(np.uint8).reshape(-1, 2)], axis=1)
 
 
-# --------------------------------------------- legacy 32-blocks (fixes over gguf-py)
-
-def _signed_absmax(blocks):
-    """C's `if (amax < fabsf(v)) { amax = fabsf(v); max = v; }` from 0: first maximum, +0.0 when none."""
-    return _first_absmax(np.ascontiguousarray(blocks.T))[1]
-
-
-def _first_extremes(blocks):
-    """C's min/max scan from FLT_MAX/-FLT_MAX: the first of equal values wins (sign of zeros)."""
-    xt = np.ascontiguousarray(blocks.T)
-    lo = np.full(xt.shape[1], np.finfo(F32).max, F32)
-    hi = np.full(xt.shape[1], -np.finfo(F32).max, F32)
-    return _first_min_max(xt, lo, hi)
-
-
-def _qh_bits(q: np.ndarray) -> np.ndarray:
-    """Bit j of the little-endian uint32 qh is bit 4 of quant j (j < 16 first halves, then seconds)."""
-    return np.packbits((q >> 4) & 1, axis=1, bitorder="little")
-
-
-def _q4_0_chunk(b):
-    mx = _signed_absmax(b)
-    d = mx / F32(-8.0)
-    with np.errstate(divide="ignore"):
-        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
-    q = np.minimum(15, np.trunc(b * idd[:, None] + F32(8.5)).astype(np.int32)).astype(np.uint8)
-    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), q[:, :16] | (q[:, 16:] << 4)], axis=1)
-
-
-def _q5_0_chunk(b):
-    mx = _signed_absmax(b)
-    d = mx / F32(-16.0)
-    with np.errstate(divide="ignore"):
-        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
-    q = np.minimum(31, np.trunc(b * idd[:, None] + F32(16.5)).astype(np.int32)).astype(np.uint8)
-    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), _qh_bits(q),
-                           (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)], axis=1)
-
-
-def _q4_1_chunk(b):
-    lo, hi = _first_extremes(b)
-    d = (hi - lo) / F32(15.0)
-    with np.errstate(divide="ignore"):
-        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
-    q = np.minimum(15, np.trunc((b - lo[:, None]) * idd[:, None] + F32(0.5)).astype(np.int32)).astype(np.uint8)
-    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), _fp16_bits(lo).view(np.uint8).reshape(-1, 2),
-                           q[:, :16] | (q[:, 16:] << 4)], axis=1)
-
-
-def _q5_1_chunk(b):
-    lo, hi = _first_extremes(b)
-    d = (hi - lo) / F32(31.0)
-    with np.errstate(divide="ignore"):
-        idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
-    q = np.trunc((b - lo[:, None]) * idd[:, None] + F32(0.5)).astype(np.int32).astype(np.uint8)  # (uint8_t), no MIN
-    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), _fp16_bits(lo).view(np.uint8).reshape(-1, 2),
-                           _qh_bits(q), (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)], axis=1)
-
-
-def _q8_0_chunk(b):
-    """quantize_row_q8_0_ref. gguf-py's Q8_0 gives the same bytes for finite input; this
-    one also follows the C for NaN (MAX(amax, NaN) keeps scanning; (int8_t)NaN is 0)."""
-    xt = np.ascontiguousarray(b.T)
-    amax = np.zeros(xt.shape[1], F32)
-    for i in range(xt.shape[0]):
-        ax = np.abs(xt[i])
-        amax = np.where(amax > ax, amax, ax)         # MAX(a, b) = a > b ? a : b
-    d = amax / F32(127.0)
-    idd = np.where(d != 0, F32(1.0) / d, F32(0.0)).astype(F32)
-    v = b * idd[:, None]
-    a = np.abs(v)
-    fl = np.floor(a)
-    r = np.copysign(fl + np.floor(F32(2.0) * (a - fl)), v)   # roundf: halves away from zero, exactly
-    q = np.where(np.isnan(r), F32(0.0), r).astype(np.int8)
-    return np.concatenate([_fp16_bits(d).view(np.uint8).reshape(-1, 2), q.view(np.uint8)], axis=1)
-
-
 # ---------------------------------------------------------------- public
 
 def _encoder(name, chunk_fn, chunk_scale=1):
@@ -540,15 +461,12 @@ def _encoder(name, chunk_fn, chunk_scale=1):
         if rows.shape[-1] % block:
             raise ValueError(f"{name}: row length {rows.shape[-1]} is not a multiple of {block}")
         blocks = np.ascontiguousarray(rows, dtype=F32).reshape(-1, block)
-        chunk = _CHUNK_BLOCKS * chunk_scale * (QK_K // block)
+        chunk = _CHUNK_BLOCKS * chunk_scale
         out = np.empty((blocks.shape[0], nbytes), np.uint8)
         with np.errstate(all="ignore"):  # inf/NaN inputs and overflowing scales follow the C silently
             for start in range(0, blocks.shape[0], chunk):
                 part = blocks[start:start + chunk]
-                if block == QK_K:
-                    out[start:start + chunk] = chunk_fn(part, exact=not np.isfinite(part).all())
-                else:
-                    out[start:start + chunk] = chunk_fn(part)
+                out[start:start + chunk] = chunk_fn(part, exact=not np.isfinite(part).all())
         return out.reshape(-1)
 
     encode.__name__ = f"encode_{name.lower()}"
@@ -562,19 +480,7 @@ ENCODERS = {
     "Q4_K": _encoder("Q4_K", _q4_K_chunk),
     "Q5_K": _encoder("Q5_K", _q5_K_chunk),
     "Q6_K": _encoder("Q6_K", _q6_K_chunk),
-    # gguf.quants differs from ggml here in the sign of zeros: for an all-zero block whose
-    # first element is -0.0 it writes d = +0.0 where ggml writes -0.0 (Q4_0, Q5_0), and
-    # numpy's min/max may pick the other signed zero than C's first-wins scan (Q4_1, Q5_1
-    # store that min). For Q8_0 it only differs on NaN. Byte-for-byte these follow the C.
-    "Q4_0": _encoder("Q4_0", _q4_0_chunk),
-    "Q4_1": _encoder("Q4_1", _q4_1_chunk),
-    "Q5_0": _encoder("Q5_0", _q5_0_chunk),
-    "Q5_1": _encoder("Q5_1", _q5_1_chunk),
-    "Q8_0": _encoder("Q8_0", _q8_0_chunk),
 }
-
-
-
 
 
 def encode(type_name: str, rows: np.ndarray) -> np.ndarray:

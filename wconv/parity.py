@@ -6,7 +6,8 @@
   default tolerance depends on the lossiest element type involved.
 * simulated (the one that decides `ok` whenever it is possible): A's tensors are
   first rounded through B's per-tensor element type (f16, bf16, GGML Q8_0 / Q4_0
-  via gguf-py's reference quantisers, llama2.c int8 groups), i.e. we redo the
+  and every other type through wconv.codecs' encoders, byte-identical to ggml's, k-quants
+  included, and gguf-py's decoders; llama2.c int8 groups), i.e. we redo the
   conversion's rounding ourselves. A correct conversion then matches to float32
   accuracy; a layout bug does not. This matters for Q4_0: on small models its
   noise alone moved top-1 agreement down to 0.12 and correlation to 0.60,
@@ -25,7 +26,11 @@ through each type:
   f16    2e-2                 0.99              6.1e-3, corr >0.9999
   bf16   0.15                 0.99              6.5e-2, corr 0.9996
   q8     0.5                  0.98              0.22,   corr 0.9974
-  q4     2.0                  0.5 (weak)        0.95,   corr 0.60
+  q6     0.25                 0.98              0.11,   corr 0.9958  (Q6_K)
+  q5     0.5                  0.95              0.20,   corr 0.9857  (Q5_K)
+  q4     2.0                  0.5 (weak)        0.95,   corr 0.60    (Q4_0 ... Q5_1, Q4_K)
+  q3     2.0                  0.5 (weak)        0.76,   corr 0.77    (Q3_K)
+  q2     3.0                  0.3 (weak)        1.05,   corr 0.57    (Q2_K)
   simulated: 1e-3 of scale, any class (exact re-rounding gives 0 to ~1e-6;
   the margin allows a few elements quantised one step differently)
 
@@ -56,13 +61,18 @@ TOLERANCES = {
     "f16": (2e-2, 0.99),
     "bf16": (0.15, 0.99),
     "q8": (0.5, 0.98),
+    "q6": (0.25, 0.98),
+    "q5": (0.5, 0.95),
     "q4": (2.0, 0.5),
+    "q3": (2.0, 0.5),
+    "q2": (3.0, 0.3),
 }
 SIMULATED_TOLERANCE = 1e-3
-LOSS_ORDER = ("f32", "f16", "bf16", "q8", "q4")
+LOSS_ORDER = ("f32", "f16", "bf16", "q8", "q6", "q5", "q4", "q3", "q2")
 DEFAULT_PROMPT_LEN = 16
 
-_CLASS_OF = {"F64": "f32", "F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8", "Q4_0": "q4"}
+_CLASS_OF = {"F64": "f32", "F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8", "Q4_0": "q4",
+             "Q6_K": "q6", "Q5_K": "q5", "Q4_K": "q4", "Q3_K": "q3", "Q2_K": "q2"}
 
 
 def _open(m) -> Model:

@@ -34,6 +34,11 @@ FTYPES = {
     "q6_k": (18, "Q6_K"),
 }
 
+# The names a --dtype mix takes: llama-quantize's k-quant mixes (the others are one type each).
+K_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+QUANTISED_FTYPES = K_MIXES + LEGACY
+
 BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
          "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 QUANTISED = {t for t, b in BLOCK.items() if b > 1}

@@ -90,8 +90,9 @@ def save(model, out, *, to=None, force=False, quiet=False, threads=None, **optio
 
 # Options each output format takes (besides force/quiet), as CLI spellings for messages.
 GGUF_CONVENIENCES = ("split_max_size", "split_max_tensors", "vocab_only", "dry_run", "name", "metadata")
+MIX_OVERRIDES = ("output_tensor_type", "token_embedding_type", "pure")  # llama-quantize's, GGUF only
 FORMAT_OPTIONS = {
-    "gguf": ("dtype", "max_seq_len", *GGUF_CONVENIENCES),
+    "gguf": ("dtype", "max_seq_len", *MIX_OVERRIDES, *GGUF_CONVENIENCES),
     "safetensors": ("dtype", "names"),
     "llama2c": ("version", "group_size", "max_seq_len"),
     "ggjt": ("dtype",),
@@ -210,7 +211,7 @@ def _own_tokenizer_bin(path):
 
 def _convert_gguf(model, out, *, force=False, quiet=False, threads=None, tokenizer_given=False, dtype=None, max_seq_len=None,
                   split_max_size=None, split_max_tensors=None, vocab_only=False, dry_run=False, name=None,
-                  metadata=None) -> str:
+                  metadata=None, output_tensor_type=None, token_embedding_type=None, pure=False) -> str:
     """GGUF output with llama.cpp's converter conveniences: OUT templates ({ftype}, {name}),
     --name/--metadata, --vocab-only, --split-max-size/--split-max-tensors, --dry-run."""
     from .. import gguf_meta, gguf_split
@@ -221,7 +222,9 @@ def _convert_gguf(model, out, *, force=False, quiet=False, threads=None, tokeniz
     if not model.tensors:
         raise UnsupportedError(model.path or None, "the model has no tensors (a vocab-only file?); nothing to convert")
     overrides = gguf_meta.overrides(metadata, name)
-    plan = gguf_io.plan(model, where, dtype=dtype, max_seq_len=max_seq_len)
+    mix = dict(output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type, pure=pure)
+    plan = gguf_io.plan(model, where, dtype=dtype, max_seq_len=max_seq_len,
+                        overrides=gguf_io.mix_overrides(out, dtype, **mix))
     if vocab_only and model.tokenizer is None:
         raise UsageError(where, "--vocab-only: the model has no vocabulary to write; pass --tokenizer")
     model_name = overrides["general.name"][1] if "general.name" in overrides else gguf_io._model_name(model)
@@ -231,7 +234,7 @@ def _convert_gguf(model, out, *, force=False, quiet=False, threads=None, tokeniz
     splitting = max_bytes is not None or split_max_tensors is not None
     groups = gguf_split.plan_split(sizes, max_bytes, split_max_tensors) if splitting else [list(range(len(sizes)))]
     paths = gguf_split.output_paths(out, len(groups), single=out)
-    _preflight(model, out, "gguf", dict(dtype=dtype, max_seq_len=max_seq_len))
+    _preflight(model, out, "gguf", dict(dtype=dtype, max_seq_len=max_seq_len, **mix))
     inputs = input_files(model)
     for p in paths:  # refuse before the warnings and the long write, not after
         check_target(p, force=force, inputs=inputs, own_output=own_output("gguf"))
@@ -241,7 +244,7 @@ def _convert_gguf(model, out, *, force=False, quiet=False, threads=None, tokeniz
         print(out_name.describe(model, plan, groups, sizes, paths, vocab_only=vocab_only, overrides=overrides))
         return "gguf"
     write_options = dict(dtype=dtype, max_seq_len=max_seq_len, vocab_only=vocab_only, metadata_overrides=overrides,
-                         threads=threads)
+                         threads=threads, **mix)
     if len(paths) == 1:
         save(model, out, to="gguf", force=force, quiet=quiet, **write_options)
         return "gguf"

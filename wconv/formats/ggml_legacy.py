@@ -32,7 +32,7 @@ import struct
 
 import numpy as np
 
-from .. import arch, codecs, quant, stream
+from .. import arch, codecs, quant, quant_mix, stream
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Stored, Tokenizer
@@ -51,6 +51,7 @@ MAX_TOKEN_LEN = 1 << 16
 _CURRENT_FROM = {"F32": 0, "F16": 0, "Q5_0": 2, "Q5_1": 2, "Q4_0": 3, "Q4_1": 3, "Q8_0": 3,
                  "Q2_K": 3, "Q3_K": 3, "Q4_K": 3, "Q5_K": 3, "Q6_K": 3}
 GGJT_TYPES = tuple(_CURRENT_FROM)  # what ggjt v3 (and so write_ggjt) can hold
+_LEGACY_WRITTEN = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # --dtype values ggjt takes
 _LLAMA = arch.require("llama")  # ggml-era files hold Llama models under Meta's tensor names
 UNK_TEXT = " \u2047 ".encode()  # how old convert.py stored <unk>
 SPM_SPACE = "\u2581".encode()
@@ -277,6 +278,13 @@ def n_mult_for(dim: int, hidden: int) -> int | None:
     return None
 
 
+def refuse_k_mix(out, dtype) -> None:
+    """GGJT holds the legacy types only: llama-quantize's k-quant mixes are GGUF's."""
+    if isinstance(dtype, str) and dtype.lower() in quant_mix.K_MIXES:
+        raise UsageError(out, f"--dtype {dtype.lower()} is a k-quant mix, which GGJT output does not take; "
+                              "use f32, f16, q8_0, q4_0, q4_1, q5_0 or q5_1, or write GGUF")
+
+
 def check_options(model: Model, out, *, dtype: str | None = None) -> None:
     """Every check `write_ggjt` makes before its first byte, run before the temporary output
     exists: what the model cannot be written as names the input, the options name OUT."""
@@ -287,6 +295,7 @@ def check_options(model: Model, out, *, dtype: str | None = None) -> None:
     fam = arch.get(cfg.arch)
     if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
+    refuse_k_mix(out, dtype)
     if dtype == "bf16":
         raise UsageError(out, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
     if cfg.rope_scaling or cfg.head_width:
@@ -315,7 +324,9 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
     fam = arch.get(cfg.arch)
     if fam is None or not fam.llama2c:
         raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
-    can_write = [o for o in codecs.options(ggml=True) if o.upper() in GGJT_TYPES]
+    refuse_k_mix(where, dtype)
+    dtype = dtype.lower() if isinstance(dtype, str) else dtype
+    can_write = [o for o in codecs.options(ggml=True) if o.upper() in GGJT_TYPES and o.upper() in _LEGACY_WRITTEN]
     if dtype is not None and dtype not in can_write:
         raise UsageError(where, f"ggjt has no {dtype} type; use {', '.join(can_write)}")
     if cfg.rope_scaling or cfg.head_width:

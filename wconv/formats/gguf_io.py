@@ -13,7 +13,10 @@ GGUF v1 (2023 pre-release) is refused; v2 and v3 (both byte orders) read.
 Writing: header, metadata and tensor infos first, then tensor data one tensor at a
 time (GGUFWriter's `add_tensor_info` / `write_tensor_data` path), so only one
 tensor is in memory. Element types: see wconv/quant.py (1-D tensors F32; `dtype`
-f32|f16|bf16|q8_0|q4_0 for matrices; default keeps each matrix's type).
+f32|f16|bf16 for every matrix; a quantised `dtype` (q4_0 ... q8_0 and the k-quant mixes
+q2_k ... q6_k) gives each tensor the type llama-quantize gives it (wconv.quant_mix),
+with `output_tensor_type` / `token_embedding_type` / `pure` as its overrides; default
+keeps each matrix's type).
 Architectures: each family's `gguf_metadata` (wconv/arch/; llama, qwen2, gemma, gpt2).
 A tied classifier is written without `output.weight` (llama.cpp then reuses
 `token_embd.weight`). A model without a tokenizer gets `tokenizer.ggml.model =
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import arch, quant, stream
+from .. import arch, quant, quant_mix, stream
 from ..arch.family import Problems
 from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
@@ -454,7 +457,8 @@ def check_writable(model: Model, where: str) -> tuple[list, int]:
 
 
 def check_options(model: Model, out, *, dtype: str | None = None, max_seq_len: int | None = None,
-                  **_writer_only) -> None:
+                  output_tensor_type: str | None = None, token_embedding_type: str | None = None,
+                  pure: bool = False, **_writer_only) -> None:
     """Every check `write` makes before its first byte, run before the temporary output exists:
     what the model cannot be written as names the input, what the options ask for names OUT.
     (vocab_only / metadata_overrides change nothing that can fail here.)"""
@@ -467,7 +471,8 @@ def check_options(model: Model, out, *, dtype: str | None = None, max_seq_len: i
         if max_seq_len != rows:
             raise UsageError(out, f"GPT-2 context length is fixed by position_embd ({rows} rows); "
                                   f"cannot write --max-seq-len {max_seq_len}")
-    plan(model, where, dtype=dtype, max_seq_len=max_seq_len)  # shapes, context length, per-tensor types
+    plan(model, where, dtype=dtype, max_seq_len=max_seq_len,  # shapes, context length, per-tensor types
+         overrides=mix_overrides(out, dtype, output_tensor_type, token_embedding_type, pure))
     tok = model.tokenizer
     if tok is not None:
         check_vocab_fits(tok, model.tensors["token_embd.weight"].shape[0], where)
@@ -591,8 +596,35 @@ class WritePlan:
         return model.metadata["general.file_type"] if keep_type else self.types.file_type()
 
 
-def plan(model: Model, where, *, dtype: str | None = None, max_seq_len: int | None = None) -> WritePlan:
-    """Check `model` against what llama.cpp loads and decide every tensor's type; writes nothing."""
+def mix_overrides(out, dtype, output_tensor_type=None, token_embedding_type=None, pure=False):
+    """llama-quantize's overrides as a quant_mix.Overrides (None when none is given); they need a
+    quantised --dtype (UsageError naming OUT otherwise) and known type names."""
+    if output_tensor_type is None and token_embedding_type is None and not pure:
+        return None
+    given = [o for o, v in (("--output-tensor-type", output_tensor_type), ("--token-embedding-type",
+                                                                          token_embedding_type), ("--pure", pure)) if v]
+    if not quant.is_mix(dtype):
+        raise UsageError(out, f"{', '.join(given)} apply to a quantised --dtype "
+                              f"({', '.join(quant_mix.QUANTISED_FTYPES)}), not {dtype or 'the default (keep each type)'}")
+    for option, value in (("--output-tensor-type", output_tensor_type), ("--token-embedding-type",
+                                                                         token_embedding_type)):
+        if value is not None and str(value).upper() not in quant_mix.BLOCK:
+            raise UsageError(out, f"{option} {value}: unknown type; choose one of "
+                                  f"{', '.join(t.lower() for t in quant_mix.BLOCK)}")
+    return quant_mix.Overrides(output_tensor_type, token_embedding_type, bool(pure))
+
+
+def mix_hparams(model: Model, fam) -> "quant_mix.HParams":
+    """What llama-quantize reads of the hyperparameters: block count, heads, KV heads, architecture."""
+    cfg = model.config
+    return quant_mix.HParams(n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads or cfg.n_heads,
+                             arch=fam.gguf_arch)
+
+
+def plan(model: Model, where, *, dtype: str | None = None, max_seq_len: int | None = None,
+         overrides=None) -> WritePlan:
+    """Check `model` against what llama.cpp loads and decide every tensor's type; writes nothing.
+    overrides: quant_mix.Overrides for a quantised dtype (see mix_overrides)."""
     cfg = model.config
     names, fam = check_writable(model, where)
     if max_seq_len is not None and max_seq_len <= 0:  # not "unset": 0 would silently mean the default
@@ -610,7 +642,11 @@ def plan(model: Model, where, *, dtype: str | None = None, max_seq_len: int | No
     extra = fam.gguf_extra_tensors(cfg)  # e.g. llama3 RoPE factors, which llama.cpp reads as a tensor
     tensors = {**extra, **{n: model.tensors[n] for n in names}}
     try:
-        types = quant.plan_types(list(tensors.values()), dtype, can_hold=lambda dt: quant.has_ggml_type(dt))
+        if quant.is_mix(dtype):
+            types = quant.plan_mix(list(tensors.values()), dtype, mix_hparams(model, fam),
+                                   can_hold=quant.has_ggml_type, overrides=overrides)
+        else:
+            types = quant.plan_types(list(tensors.values()), dtype, can_hold=quant.has_ggml_type)
     except ValueError as e:
         raise UsageError(where, str(e)) from None
     return WritePlan(fam, n_ctx, n_vocab, tensors, types, fam.gguf_cannot_hold(cfg))
@@ -627,18 +663,21 @@ def _add_overrides(w, overrides: dict) -> None:
 
 def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = None,
           max_seq_len: int | None = None, vocab_only: bool = False, metadata_overrides: dict | None = None,
-          threads: int | None = None) -> list:
+          threads: int | None = None, output_tensor_type: str | None = None,
+          token_embedding_type: str | None = None, pure: bool = False) -> list:
     """Write `model` as GGUF v3 to `tmp_path`, streaming the tensor data (wconv.stream).
 
     vocab_only: hyperparameters and vocabulary, no tensors (llama.cpp's vocab_only load).
     metadata_overrides: general.* keys to add (key -> (type, value); general.name replaces the name).
+    output_tensor_type / token_embedding_type / pure: llama-quantize's overrides (quantised dtype only).
     Returns the list of notes (type fallbacks, padding...), also printed to stderr.
     """
     from gguf import GGUFWriter
 
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
-    p = plan(model, where, dtype=dtype, max_seq_len=max_seq_len)
+    p = plan(model, where, dtype=dtype, max_seq_len=max_seq_len,
+             overrides=mix_overrides(where, dtype, output_tensor_type, token_embedding_type, pure))
     fam, n_ctx, n_vocab = p.fam, p.n_ctx, p.n_vocab
     if vocab_only and model.tokenizer is None:
         raise UsageError(where, "--vocab-only: the model has no vocabulary to write; pass --tokenizer")
