@@ -42,3 +42,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def import_llama_cpp():
+    """llama_cpp (llama-cpp-python), the GGUF consumer: skips without it, fails under CI=true."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e}); install the llama-cpp-python wheel")
+        pytest.skip("llama-cpp-python is not installed")
+    return llama_cpp
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return import_llama_cpp()

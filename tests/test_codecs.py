@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 import pytest
+
+from conftest import import_llama_cpp
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf.quants import dequantize, quantize
 
@@ -127,12 +129,7 @@ def test_register_encoder_adds_an_option(monkeypatch):
 # --- against ggml itself ------------------------------------------------------------------------
 
 def _ggml_quantize_chunk():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e})")
-        pytest.skip("llama-cpp-python is not installed")
+    llama_cpp = import_llama_cpp()
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     fn = lib.ggml_quantize_chunk
     fn.restype = ctypes.c_size_t

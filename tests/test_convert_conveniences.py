@@ -13,7 +13,6 @@ import os
 import pytest
 
 from clirun import wconv
-from test_llamacpp_interop import llama_cpp  # noqa: F401  (the fixture: fails under CI=true without it)
 from vocabcases import TOKENIZER_FIXTURES, write_gguf
 from wconv.formats import gguf_io
 from wconv.vocab import load_tokenizer

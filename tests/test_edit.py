@@ -16,7 +16,6 @@ import pytest
 
 import modelgen
 from clirun import wconv
-from test_llamacpp_interop import llama_cpp  # noqa: F401  (the fixture: fails under CI=true without it)
 from conftest import realdata_path
 from wconv.formats import gguf_io
 from wconv.gguf_edit import edit_gguf, parse_assignment

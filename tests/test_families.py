@@ -44,7 +44,7 @@ from wconv.convert.load import load_model
 from wconv.convert.save import convert
 from wconv.errors import UnsupportedError
 from wconv.formats import gguf_io
-from test_llamacpp_interop import llama_cpp, llama_cpp_logits  # noqa: F401  (a fixture and the F32-cache runner)
+from test_llamacpp_interop import llama_cpp_logits  # (the F32-cache runner)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "fixtures", "arch")

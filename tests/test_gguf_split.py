@@ -17,7 +17,6 @@ import pytest
 
 import modelgen
 from clirun import wconv
-from test_llamacpp_interop import llama_cpp  # noqa: F401  (the fixture: fails under CI=true without it)
 from wconv import gguf_split
 from wconv.convert.load import load_model
 from wconv.errors import FormatError, UsageError

@@ -38,17 +38,6 @@ TOL_VS_WRITTEN = 1e-1
 TOKENS = [1, 5, 9, 20, 33, 100, 200, 255, 2, 17]
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e}); install the llama-cpp-python wheel")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
-
-
 def _write(model, path, dtype="f32"):
     with contextlib.redirect_stderr(io.StringIO()):  # the no-tokenizer note
         gguf_io.write(model, path, quiet=True, dtype=dtype)

@@ -46,17 +46,6 @@ GPT2_F32_TOL = 2e-3  # GELU through an F16 table
 DTYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
 
 
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e}); install the llama-cpp-python wheel")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
-
-
 def llama_cpp_logits(llama_cpp, path, tokens) -> np.ndarray:
     llm = llama_cpp.Llama(model_path=os.fspath(path), logits_all=True, n_ctx=64, n_batch=64, n_threads=2,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)

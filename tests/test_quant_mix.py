@@ -117,17 +117,6 @@ def test_overrides_and_names():
 
 
 # ----------------------------------------------------------------------------- against llama.cpp
-@pytest.fixture(scope="module")
-def llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but llama_cpp cannot be imported ({e}); install the llama-cpp-python wheel")
-        pytest.skip("llama-cpp-python is not installed")
-    return llama_cpp
-
-
 def llama_quantize(llama_cpp, src, dst, ftype, overrides=None):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = 0 if ftype == "f32" else getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}")

@@ -17,7 +17,6 @@ import os
 import pytest
 
 from conftest import realdata_path
-from test_llamacpp_interop import llama_cpp  # noqa: F401  (the fixture: skip, or fail under CI=true)
 from vocabcases import TOKENIZER_FIXTURES, reference_encoder, vocab_cases, vocab_texts, write_gguf
 from wconv.formats import gguf_io
 from wconv.vocab import load_tokenizer
