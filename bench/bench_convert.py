@@ -248,17 +248,19 @@ def main():
     hf = os.path.join(args.workdir, f"hf-{args.layers}l")
     if not os.path.exists(os.path.join(hf, "config.json")):
         subprocess.run([*WCONV, "convert", meta, hf, "--to", "hf", "--dtype", "bf16", "--quiet"], check=True)
-    hf_st = os.path.join(hf, "model.safetensors")
+    hf_files = [os.path.join(hf, n) for n in sorted(os.listdir(hf)) if n.endswith(".safetensors")]  # 3 shards at 7B
     in_meta, in_hf = os.path.getsize(pth), _size(hf)
     out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
     b = Bench(args.workdir, args.repeat)
     wanted = lambda label: not args.only or any(s in label for s in args.only.split(","))  # noqa: E731
 
     print(f"inputs: Meta {in_meta / MB:.0f} MB, HF {in_hf / MB:.0f} MB; load average {load_before[0]:.1f}")
-    subprocess.run(["cat", pth, hf_st], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    subprocess.run(["cat", pth, *hf_files], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     cases = []
-    for kind, src, size, cp_src in (("Meta", meta, in_meta, pth), ("HF", hf, in_hf, hf_st)):
-        cases.append((f"cp {kind} input", kind, ["cp", cp_src, out("cp.bin")], out("cp.bin"), size))
+    for kind, src, size, cp_src in (("Meta", meta, in_meta, [pth]), ("HF", hf, in_hf, hf_files)):
+        cp_dir = out(f"cp-{kind}")
+        cases.append((f"cp {kind} input", kind, ["sh", "-c", 'mkdir -p "$0" && cp "$@" "$0"', cp_dir, *cp_src],
+                      cp_dir, size))
         cases.append((f"wconv inspect {kind}", kind, [*WCONV, "inspect", src], None, size))
         for dt in ("bf16", "f16", "q8_0"):
             cases.append((f"wconv {kind} -> GGUF {dt}", kind,
@@ -310,12 +312,12 @@ def main():
                 continue
             size = os.path.getsize(src_file)
         b.run(label, group, cmd, dst, input_bytes=size, env=env)
-        if dst and not any(dst in later[2] for later in cases[i + 1:]):
-            _remove(dst)  # outputs go as soon as no later case reads them (a tmpfs workdir is RAM)
+        if dst and not any(dst in later[2] and later[3] != dst for later in cases[i + 1:]):
+            _remove(dst)  # outputs go as soon as no later case reads them (disk or tmpfs: 7B outputs are big)
     report = write_results(args, b.rows, list(load_before), in_meta, in_hf)
     print()
     print(report)
-    for name in ("cp.bin", "w-bf16.gguf", "w-f16.gguf", "w-q8_0.gguf", "w.bin", "cp-v0.bin", "w.safetensors",
+    for name in ("cp-Meta", "cp-HF", "w-bf16.gguf", "w-f16.gguf", "w-q8_0.gguf", "w.bin", "cp-v0.bin", "w.safetensors",
                  "w-hf", "w-q8_0-copy.gguf", "cp-q8.gguf", "t.safetensors", "l-f16.gguf", "l-q8_0.gguf",
                  "h-bf16.gguf", "h-f16.gguf", "h-q8_0.gguf"):
         _remove(out(name))
