@@ -33,7 +33,7 @@ FIXTURES = os.path.join(ROOT, "fixtures")
 
 MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 LEGACY = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"]
-RUN_IN_LLAMA_CPP = ["q4_k_m", "q6_k", "q2_k", "q3_k_m", "q5_k_s"]
+RUN_IN_LLAMA_CPP = MIXES + LEGACY  # llama.cpp loads and runs every output
 TOL_VS_WRITTEN = 1e-1
 TOKENS = [1, 5, 9, 20, 33, 100, 200, 255, 2, 17]
 
@@ -122,7 +122,7 @@ def test_llama_cpp_runs_k_quant_outputs(llama_cpp, plain, tmp_path, ftype):
 
 
 # ----------------------------------------------------------------------------- (c) parity, inspect
-@pytest.mark.parametrize("ftype", RUN_IN_LLAMA_CPP + ["q3_k_s", "q4_k_s", "q5_k_m", "q3_k_l"])
+@pytest.mark.parametrize("ftype", MIXES)
 def test_parity_passes_and_inspect_shows_the_types(plain, tmp_path, ftype):
     _, st, _ = plain
     out = tmp_path / f"{ftype}.gguf"

@@ -323,3 +323,22 @@ def test_no_whole_tensor_float32_copy_of_the_largest_tensor(case, dominant_sourc
     print(f"\n{case}: largest tensor 256 MB as float32, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB "
           f"(+{extra / MB:.0f} MB)")
     assert extra < DOMINANT_BOUND, f"{case}: conversion used {extra / MB:.0f} MB above the baseline"
+
+
+def test_hf_output_of_a_quantised_gguf_decodes_in_pieces(dominant_source, baseline, tmp_path):
+    """A Q8_0 GGUF to an HF directory: the embedding is dequantised piece by piece by the writer,
+    not made into one float32 tensor first (only q/k, which the HF row order changes, are)."""
+    import shutil
+
+    from wconv.convert.save import convert
+
+    q8 = tmp_path / "in.gguf"
+    convert(dominant_source, q8, dtype="q8_0", quiet=True)
+    out = tmp_path / "hf"
+    try:
+        peak = peak_rss("convert", q8, out, "--quiet", "--to", "hf", "--dtype", "f16")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    extra = peak - baseline
+    print(f"\nq8_0 gguf -> hf f16: peak {peak / MB:.0f} MB (+{extra / MB:.0f} MB)")
+    assert extra < DOMINANT_BOUND, f"conversion used {extra / MB:.0f} MB above the baseline"

@@ -263,6 +263,10 @@ class Decoder(Family):
     def to_layout(self, name, t, cfg, layout):
         if layout == "hf":
             heads = self._rotary_heads(name, cfg) if self.hf_permuted else None
+            if heads and t.dtype.quantized:
+                # Rows of quantised blocks move as they are: no dequantised copy of the tensor.
+                rows, row_bytes = t.shape[0], t.nbytes // t.shape[0]
+                return t.derive(lambda a, h=heads: hf_permute(np.asarray(a).reshape(rows, row_bytes), h).reshape(-1))
             if heads:
                 return t.derive(lambda a, h=heads: hf_permute(a, h))
             if self.norm_plus_one and name.endswith("norm.weight"):

@@ -24,7 +24,6 @@ from .. import arch, codecs, dtypes
 from ..errors import FormatError, UnsupportedError, UsageError, WconvError
 from ..model import Model
 from ..notes import emit as emit_notes
-from ..notes import tensor_note
 from ..progress import warn
 from ..tensor import LazyTensor
 from . import safetensors_io
@@ -143,12 +142,10 @@ def hf_config(model, out_dtype: dtypes.DType, *, max_seq_len=None) -> dict:
 
 
 def _hf_tensors(model) -> dict:
-    """Canonical name -> tensor to write: quantised ones dequantised (so one dtype throughout),
-    and zero biases for a bias-free GPT-2 (HF's GPT-2 always has them; zero is the same model)."""
-    tensors = {}
-    for name, t in model.tensors.items():
-        tensors[name] = t.derive(lambda a: a, dtype=dtypes.F32, float_input=True) if t.dtype.quantized else t
-    c = model.config
+    """Canonical name -> tensor to write, with zero biases for a bias-free GPT-2 (HF's GPT-2 always has them; zero is the same model)."""
+    # Quantised tensors go as they are: the writer decodes them in row pieces (the HF q/k row
+    # order is applied to their blocks, wconv.arch.decoder), so one dtype comes out throughout.
+    tensors, c = dict(model.tensors), model.config
     if c.arch == "gpt2" and not c.bias:
         with_bias = dataclasses.replace(c, bias=True)
         for name in arch.require("gpt2").expected_names(with_bias):
@@ -219,9 +216,7 @@ def write(model, tmp_dir, *, quiet: bool = False, dtype=None, max_shard_size=Non
     sizes = [(name, out_dtype.nbytes(t.n_elements)) for name, t in tensors.items()]
     shards = plan_shards(sizes, limit)
 
-    notes = [tensor_note(f"{t.dtype.name} tensors dequantised to {out_dtype.name} (Hugging Face weights are "
-                         "not quantised)", n, f"{t.dtype.name} dequantised to {out_dtype.name}")
-             for n, t in model.tensors.items() if t.dtype.quantized]
+    notes = []  # filled by every shard's writer (dequantised tensors, F16 overflow), said once at the end
 
     def write_shard(names, filename):
         part = Model(config=model.config, tensors={n: tensors[n] for n in names}, path=model.path)
