@@ -285,22 +285,29 @@ def refuse_k_mix(out, dtype) -> None:
                               "use f32, f16, q8_0, q4_0, q4_1, q5_0 or q5_1, or write GGUF")
 
 
+def _check_model(model: Model, where, out, dtype):
+    """What ggjt cannot hold of the model (names `where`) or of --dtype (names `out`); the family."""
+    cfg = model.config
+    fam = arch.get(cfg.arch)
+    if fam is None or not fam.llama2c:
+        raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
+    refuse_k_mix(out, dtype)
+    can_write = [o for o in codecs.options(ggml=True) if o.upper() in GGJT_TYPES and o.upper() in _LEGACY_WRITTEN]
+    if dtype is not None and str(dtype).lower() not in can_write:
+        raise UsageError(out, f"ggjt has no {str(dtype).lower()} type; use {', '.join(can_write)}")
+    if cfg.rope_scaling or cfg.head_width:
+        raise UnsupportedError(where, "ggjt cannot record " + ("RoPE scaling" if cfg.rope_scaling else
+                                                              f"a head width ({cfg.head_dim}) other than dim / n_heads"))
+    return fam
+
+
 def check_options(model: Model, out, *, dtype: str | None = None) -> None:
     """Every check `write_ggjt` makes before its first byte, run before the temporary output
     exists: what the model cannot be written as names the input, the options name OUT."""
     from .gguf_io import check_vocab_fits, check_writable
 
     where = model.path or os.fspath(out)
-    cfg = model.config
-    fam = arch.get(cfg.arch)
-    if fam is None or not fam.llama2c:
-        raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
-    refuse_k_mix(out, dtype)
-    if dtype == "bf16":
-        raise UsageError(out, "ggjt has no bf16 type; use f32, f16, q8_0 or q4_0")
-    if cfg.rope_scaling or cfg.head_width:
-        raise UnsupportedError(where, "ggjt cannot record " + ("RoPE scaling" if cfg.rope_scaling else
-                                                              f"a head width ({cfg.head_dim}) other than dim / n_heads"))
+    _check_model(model, where, out, dtype)
     names, _ = check_writable(model, where)
     try:
         quant.plan_types([model.tensors[n] for n in names], dtype, can_hold=lambda dt: dt.name in GGJT_TYPES)
@@ -321,17 +328,8 @@ def write_ggjt(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None
 
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
-    fam = arch.get(cfg.arch)
-    if fam is None or not fam.llama2c:
-        raise UnsupportedError(where, f"ggjt files hold llama models only, not {cfg.arch!r}")
-    refuse_k_mix(where, dtype)
+    fam = _check_model(model, where, where, dtype)
     dtype = dtype.lower() if isinstance(dtype, str) else dtype
-    can_write = [o for o in codecs.options(ggml=True) if o.upper() in GGJT_TYPES and o.upper() in _LEGACY_WRITTEN]
-    if dtype is not None and dtype not in can_write:
-        raise UsageError(where, f"ggjt has no {dtype} type; use {', '.join(can_write)}")
-    if cfg.rope_scaling or cfg.head_width:
-        raise UnsupportedError(where, "ggjt cannot record " + ("RoPE scaling" if cfg.rope_scaling else
-                                                              f"a head width ({cfg.head_dim}) other than dim / n_heads"))
     names, _ = check_writable(model, where)
     hidden = cfg.hidden_dim
     notes = cannot_hold(cfg) + fam.gguf_cannot_hold(cfg)
