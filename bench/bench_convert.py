@@ -379,13 +379,17 @@ def write_results(args, rows, load_before, in_meta, in_hf, machine_lines=None) -
               "q8_0 path forks workers, which share some pages: an upper bound).",
               "- wconv's fixed cost (interpreter start, imports, reading the headers and the 32000-token "
               "sentencepiece vocabulary) is the `wconv inspect` time; GGUF output adds packing that "
-              "vocabulary into metadata. None of it grows with the model, so on the 13.5 GB checkpoint "
-              "the same-type runs come closer to cp than on this one.",
+              "vocabulary into metadata. None of it grows with the model; yet on the 13.5 GB checkpoint, "
+              "disk-bound, the same-type bf16 run reached only 0.41× cp (RESULTS-7b.md): the kernel copies "
+              "wait on the disk longer than one cp does, for a reason not yet found.",
               "- On a machine shared with other jobs, wall times of long runs (the llama.cpp converters) "
               "suffer more than short ones; the CPU-time comparison is the steadier one.",
               f"- Not measured in this run: " + ("the 13.5 GB 32-layer checkpoint (`--layers 32`), so the "
                                                  "\"2-layer and 32-layer peaks within 50 MB\" target is unchecked"
-                                                 if args.layers != 32 else "the 2-layer checkpoint") + "."]
+                                                 if args.layers != 32 else "the 2-layer checkpoint") + " in this "
+              "run; the partial 13.5 GB run is RESULTS-7b.md.",
+              "- k-quants (Q4_K_M, Q6_K against llama.cpp's `llama_model_quantize`): `bench/bench_kquants.py`, "
+              "figures in RESULTS-kquants.md."]
     text = "\n".join(lines) + "\n"
     with open(args.results, "w") as f:
         f.write(text)

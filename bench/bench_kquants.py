@@ -42,12 +42,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 PIECE_ELEMENTS = 1 << 21  # rows per piece: about 2M values (8 MB of float32)
 
 
+# --shape: TinyLlama's (the anchor) or Llama 2 7B's, with --layers layers; vocab 32000.
+SHAPES = {"tinyllama": dict(dim=2048, hidden_dim=5632, n_heads=32, n_kv_heads=4),
+          "7b": dict(dim=4096, hidden_dim=11008, n_heads=32, n_kv_heads=32)}
+SHAPE = SHAPES[os.environ.get("WCONV_BENCH_SHAPE", "tinyllama")]  # passed to the side processes too
+
+
 def make_source(path: str, n_layers: int) -> None:
     import modelgen
     from wconv.formats import gguf_io
 
-    cfg = modelgen.llama_config(dim=2048, hidden_dim=5632, n_layers=n_layers, n_heads=32, n_kv_heads=4,
-                                vocab_size=32000, max_seq_len=2048)
+    cfg = modelgen.llama_config(**SHAPE, n_layers=n_layers, vocab_size=32000, max_seq_len=2048)
     model = modelgen.random_model(cfg, seed=0)
     with contextlib.redirect_stderr(io.StringIO()):
         gguf_io.write(model, path, quiet=True, dtype="f32")
@@ -91,7 +96,7 @@ def wconv_quantize(src: str, dst: str, ftype: str, n_layers: int) -> tuple[float
     reader = gguf.GGUFReader(src)
     tensors = {t.name: t.data for t in reader.tensors}  # memmapped float32 (rows, cols)
     plan = quant_mix.plan({n: a.shape for n, a in tensors.items()},
-                          quant_mix.HParams(n_layers, 32, 4), ftype)
+                          quant_mix.HParams(n_layers, SHAPE["n_heads"], SHAPE["n_kv_heads"]), ftype)
 
     def pieces():
         for name in quant_mix.visiting_order(tensors):
@@ -193,6 +198,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--ftypes", default="q4_k_m,q6_k")
     ap.add_argument("--workdir", default="/tmp/wconv-kq-bench")
+    ap.add_argument("--shape", choices=list(SHAPES), help="tinyllama (default) or 7b (Llama 2 7B's dims)")
     ap.add_argument("--side", choices=["llama", "wconv", "cli"], help=argparse.SUPPRESS)
     ap.add_argument("--src", help=argparse.SUPPRESS)
     ap.add_argument("--dst", help=argparse.SUPPRESS)
@@ -209,8 +215,12 @@ def main() -> None:
         wall, cpu, offsets = wconv_quantize(args.src, args.dst, args.ftypes, args.layers)
         print(json.dumps({"wall": wall, "cpu": cpu, "offsets": offsets}))
         return
+    if args.shape and SHAPES[args.shape] is not SHAPE:  # re-run with the shape in the environment,
+        os.environ["WCONV_BENCH_SHAPE"] = args.shape  # which the side processes inherit
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     os.makedirs(args.workdir, exist_ok=True)
-    src = os.path.join(args.workdir, f"tinyllama-{args.layers}l-f32.gguf")
+    shape = os.environ.get("WCONV_BENCH_SHAPE", "tinyllama")
+    src = os.path.join(args.workdir, f"{shape}-{args.layers}l-f32.gguf")
     if not os.path.exists(src):
         t0 = time.perf_counter()
         make_source(src, args.layers)
