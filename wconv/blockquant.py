@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import ALL as _DTYPES
+
 BLOCK = 32
 _SUB = 1 << 12  # blocks per sub-piece: 128K values, 512 KB of float32, stays in L2 cache
 _BELOW_HALF = np.float32(np.nextafter(np.float32(0.5), np.float32(0)))
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
-
-BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 
 
 def quantize(rows: np.ndarray, kind: str) -> np.ndarray:
     """float32 values (a multiple of 32 of them, any shape) as `kind` blocks: flat uint8."""
     x = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, BLOCK)
     nb = x.shape[0]
-    out = np.empty((nb, BLOCK_BYTES[kind]), dtype=np.uint8)
+    out = np.empty((nb, _DTYPES[kind].block_bytes), dtype=np.uint8)
     block_fn = _KINDS[kind]
     step = min(_SUB, max(nb, 1))
     scratch = (np.empty((step, BLOCK), np.float32), np.empty((step, BLOCK), np.float32))

@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .dtypes import ALL as _DTYPES
+
 QK_K = 256
 F32 = np.float32
 _MAGIC = F32(12582912.0)  # 1.5 * 2**23
 _GROUP_MAX_EPS = F32(1e-15)
 _CHUNK_BLOCKS = 512  # super-blocks per chunk: a few hundred KB per working array
 
-BLOCK_BYTES = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-BLOCK_SIZE = {"Q2_K": QK_K, "Q3_K": QK_K, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
 
 
 # ---------------------------------------------------------------- helpers
@@ -300,6 +300,16 @@ def _signed_levels(xt, iscale, nmax, out, exact):
     return out
 
 
+def _zero_sub_blocks(scale, L, fnmax, zero):
+    """Levels shifted to unsigned; sub-blocks whose max |x| is below GROUP_MAX_EPS get
+    scale 0 and all levels 0 (the C's early `return 0` with L zeroed)."""
+    L += fnmax
+    if zero.any():
+        L[:, zero] = 0
+        scale = np.where(zero, F32(0.0), scale)
+    return scale, L
+
+
 def _make_qx_rmse1(xt, nmax, exact):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) per column: scale (M,), L float (n, M).
 
@@ -333,11 +343,7 @@ def _make_qx_rmse1(xt, nmax, exact):
                 np.copyto(scale, new_scale, where=take)
                 np.copyto(best, new_scale * sumlx, where=take)
         L = _signed_levels(xt, best_iscale, nmax, l, exact)
-    L += fnmax
-    if zero.any():
-        L[:, zero] = 0
-        scale = np.where(zero, F32(0.0), scale)
-    return scale, L
+    return _zero_sub_blocks(scale, L, fnmax, zero)
 
 
 def _q6_K_chunk(x, exact=False):
@@ -414,11 +420,7 @@ def _make_q3_rmse(xt, nmax, exact):
             active = sel if active is None else active[sel]
             cur = tuple(a[:, sel] if a.ndim == 2 else a[sel] for a in cur)
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0)).astype(F32)
-    L += fnmax
-    if zero.any():
-        L[:, zero] = 0
-        scale = np.where(zero, F32(0.0), scale)
-    return scale, L
+    return _zero_sub_blocks(scale, L, fnmax, zero)
 
 
 def _q3_K_chunk(x, exact=False):
@@ -452,7 +454,7 @@ def _q3_K_chunk(x, exact=False):
 # ---------------------------------------------------------------- public
 
 def _encoder(name, chunk_fn, chunk_scale=1):
-    block, nbytes = BLOCK_SIZE[name], BLOCK_BYTES[name]
+    block, nbytes = _DTYPES[name].block, _DTYPES[name].block_bytes
 
     def encode(rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .dtypes import ALL as _DTYPES
+
 LLAMA_CPP_SOURCE = "llama.cpp vendored by llama-cpp-python 0.3.36 (ggml 0.25.3), src/llama-quant.cpp"
 
 # ftype name -> (llama_ftype id written as general.file_type, default GGML type)
@@ -39,8 +41,9 @@ K_MIXES = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "
 LEGACY = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 QUANTISED_FTYPES = K_MIXES + LEGACY
 
-BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
-         "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+# The tensor types a mix (or an override) may choose, with their block sizes from the dtype table.
+BLOCK = {t: _DTYPES[t].block for t in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                                       "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 QUANTISED = {t for t, b in BLOCK.items() if b > 1}
 
 # tensor_type_fallback: the type used when a row is not a whole number of blocks
