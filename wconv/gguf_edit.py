@@ -45,17 +45,9 @@ MAX_TEMPLATE_BYTES = 16 << 20
 TYPE_NAMES = {"u8": "UINT8", "i8": "INT8", "u16": "UINT16", "i16": "INT16", "u32": "UINT32", "i32": "INT32",
               "u64": "UINT64", "i64": "INT64", "f32": "FLOAT32", "f64": "FLOAT64", "bool": "BOOL", "str": "STRING"}
 _SHORT = {v: k for k, v in TYPE_NAMES.items()}
-_CODES = {"UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i", "UINT64": "Q",
-          "INT64": "q", "FLOAT32": "f", "FLOAT64": "d", "BOOL": "?"}
 _INT_RANGES = {t: (np.iinfo(np.dtype(c)).min, np.iinfo(np.dtype(c)).max)
                for t, c in (("UINT8", "u1"), ("INT8", "i1"), ("UINT16", "u2"), ("INT16", "i2"), ("UINT32", "u4"),
                             ("INT32", "i4"), ("UINT64", "u8"), ("INT64", "i8"))}
-
-
-def _type_id(name: str) -> int:
-    from gguf import GGUFValueType
-
-    return int(GGUFValueType[name])
 
 
 def _shown(kind, element) -> str:
@@ -192,25 +184,6 @@ def _known_names() -> list:
 
 
 # --- serialisation -----------------------------------------------------------------------
-
-def _pack_entry(key: str, kind: str, element, value, e: str) -> bytes:
-    k = key.encode("utf-8")
-    out = [struct.pack(e + "Q", len(k)), k, struct.pack(e + "I", _type_id(kind))]
-    if kind == "ARRAY":
-        out.append(struct.pack(e + "IQ", _type_id(element), len(value)))
-        if element == "STRING":
-            for s in value:
-                b = s if isinstance(s, bytes) else s.encode("utf-8")
-                out += [struct.pack(e + "Q", len(b)), b]
-        else:
-            out.append(np.asarray(value, dtype=np.dtype(_CODES[element]).newbyteorder(e)).tobytes())
-    elif kind == "STRING":
-        b = value if isinstance(value, bytes) else value.encode("utf-8")
-        out += [struct.pack(e + "Q", len(b)), b]
-    else:
-        out.append(struct.pack(e + _CODES[kind], value))
-    return b"".join(out)
-
 
 # --- checks ------------------------------------------------------------------------------
 
@@ -371,9 +344,9 @@ def edit_gguf(src, dst=None, *, set=(), delete=(), chat_template=None, in_place:
     for key, (start, end) in h.kv_spans.items():
         if key in deleted:
             continue
-        entries.append(_pack_entry(key, *changes[key], h.endian) if key in changes else head[start:end])
+        entries.append(gguf_io.pack_kv(key, *changes[key], h.endian) if key in changes else head[start:end])
     added = [k for k in changes if k not in h.kv]
-    entries += [_pack_entry(k, *changes[k], h.endian) for k in added]
+    entries += [gguf_io.pack_kv(k, *changes[k], h.endian) for k in added]
     prefix = b"".join([gguf_io.GGUF_MAGIC, struct.pack(h.endian + "IQQ", h.version, len(h.tensors), len(entries)),
                        *entries, head[h.info_span[0]:h.info_span[1]]])
     if h.tensors:

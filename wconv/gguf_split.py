@@ -24,9 +24,9 @@ re-read and checked before it replaces anything.
 from __future__ import annotations
 
 import os
-import re
 import struct
 
+from . import sizes
 from .atomic import atomic_files, atomic_path
 from .errors import FormatError, UsageError, WconvError
 from .formats import gguf_io, gguf_set
@@ -34,23 +34,11 @@ from .mapped import copy_range, read_bytes
 from .progress import progress
 
 GGUF_VERSION = 3
-_UINT16, _UINT32, _INT32 = 2, 4, 5  # GGUFValueType ids of the keys written here
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
 def parse_size(text) -> int:
-    """Bytes from "5G", "500M", "64K", "5GB" or "1000000" (decimal units, as llama.cpp's tools count)."""
-    if isinstance(text, int):
-        n = text
-    else:
-        m = _SIZE.match(str(text))
-        if m is None:
-            raise UsageError(None, f"--split-max-size {text!r}: expected a size such as 5G, 500M or 1000000")
-        n = int(m.group(1)) * _UNITS[m.group(2).upper()]
-    if n <= 0:
-        raise UsageError(None, f"--split-max-size {text!r}: the size must be positive")
-    return n
+    """Bytes of a --split-max-size: "5G", "500M", "64K", "5GB" or "1000000" (decimal, as gguf-split counts)."""
+    return sizes.parse_size(text, "--split-max-size", fractions=False)
 
 
 def plan_split(sizes, max_bytes: int | None = None, max_tensors: int | None = None, *,
@@ -123,11 +111,6 @@ def _info_blobs(buf: bytes, e: str):
 
 # --- writing -----------------------------------------------------------------------------
 
-def _entry(key: str, type_id: int, code: str, value, e: str) -> bytes:
-    k = key.encode()
-    return struct.pack(f"{e}Q", len(k)) + k + struct.pack(f"{e}I{code}", type_id, value)
-
-
 def _padded(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
@@ -150,12 +133,13 @@ def _write_part(f, src: _Source, entries: list, tensors: list, bar) -> None:
 
 def _split_entries(src: _Source, no: int, count: int, first: bool) -> list:
     e = src.endian
-    keys = [_entry(gguf_set.SPLIT_NO, _UINT16, "H", no, e), _entry(gguf_set.SPLIT_COUNT, _UINT16, "H", count, e),
-            _entry(gguf_set.SPLIT_TENSORS, _INT32, "i", len(src.tensors), e)]
+    keys = [gguf_io.pack_kv(gguf_set.SPLIT_NO, "UINT16", None, no, e),
+            gguf_io.pack_kv(gguf_set.SPLIT_COUNT, "UINT16", None, count, e),
+            gguf_io.pack_kv(gguf_set.SPLIT_TENSORS, "INT32", None, len(src.tensors), e)]
     if first:
         return src.entries + keys
     if src.alignment != gguf_io.DEFAULT_ALIGNMENT:  # the other parts are read with 32 unless told
-        keys.append(_entry("general.alignment", _UINT32, "I", src.alignment, e))
+        keys.append(gguf_io.pack_kv("general.alignment", "UINT32", None, src.alignment, e))
     return keys
 
 

@@ -422,6 +422,39 @@ def read(path, *, strict: bool = True, whole_set: bool = True) -> Model:
 
 
 # ----------------------------------------------------------------------------- writing
+KV_CODES = {  # struct codes of GGUF scalar value types
+   "UINT8": "B", "INT8": "b", "UINT16": "H", "INT16": "h", "UINT32": "I", "INT32": "i", "UINT64": "Q",
+          "INT64": "q", "FLOAT32": "f", "FLOAT64": "d", "BOOL": "?"}
+
+
+def _kv_type_id(name: str) -> int:
+    from gguf import GGUFValueType
+
+    return int(GGUFValueType[name])
+
+
+def pack_kv(key: str, kind: str, element, value, e: str) -> bytes:
+    """One metadata entry as GGUF stores it: key, value type (GGUFValueType name), value; `element`
+    is an ARRAY's element type; `e` the byte order ("<" or ">"). For writers that patch headers
+    without gguf-py's writer (edit, split), which cannot keep tensor data in place."""
+    k = key.encode("utf-8")
+    out = [struct.pack(e + "Q", len(k)), k, struct.pack(e + "I", _kv_type_id(kind))]
+    if kind == "ARRAY":
+        out.append(struct.pack(e + "IQ", _kv_type_id(element), len(value)))
+        if element == "STRING":
+            for s in value:
+                b = s if isinstance(s, bytes) else s.encode("utf-8")
+                out += [struct.pack(e + "Q", len(b)), b]
+        else:
+            out.append(np.asarray(value, dtype=np.dtype(KV_CODES[element]).newbyteorder(e)).tobytes())
+    elif kind == "STRING":
+        b = value if isinstance(value, bytes) else value.encode("utf-8")
+        out += [struct.pack(e + "Q", len(b)), b]
+    else:
+        out.append(struct.pack(e + KV_CODES[kind], value))
+    return b"".join(out)
+
+
 def check_writable(model: Model, where: str) -> tuple[list, int]:
     """Check tensors and shapes against what llama.cpp's loader for the family accepts; (names, n_ctx)."""
     cfg = model.config

@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from .. import arch, codecs, dtypes
+from .. import arch, codecs, dtypes, sizes
 from ..errors import FormatError, UnsupportedError, UsageError, WconvError
 from ..model import Model
 from ..notes import emit as emit_notes
@@ -29,8 +29,6 @@ from ..tensor import LazyTensor
 from . import safetensors_io
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # save_pretrained's default, "5GB"
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _TORCH_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 SINGLE_FILE = "model.safetensors"
@@ -69,18 +67,8 @@ def own_output(path) -> str | None:
 
 
 def parse_size(value) -> int:
-    """Bytes from an int or a string like "5GB", "500MB", "64KiB" or "1000" (HF's units)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
-        unit = m.group(2).upper() if m else None
-        if unit not in _SIZE_UNITS:
-            raise UsageError(None, f"--max-shard-size {value!r}: expected a size such as 5GB, 500MB or 1000000")
-        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if n <= 0:
-        raise UsageError(None, f"--max-shard-size {value!r} must be positive")
-    return n
+    """Bytes of a --max-shard-size ("5GB", "500MB", "64KiB", "1000", as save_pretrained takes it)."""
+    return sizes.parse_size(value, "--max-shard-size")
 
 
 def output_dtype(model, dtype=None) -> dtypes.DType:
