@@ -688,3 +688,37 @@ def test_gguf_vocab_equals_llama_cpp_conversion(tmp_path, source, llama_cpp_voca
         assert ours[key] == llama_cpp_vocab[key], key
     assert np.array_equal(np.array(ours["tokenizer.ggml.scores"]),
                           np.array(llama_cpp_vocab["tokenizer.ggml.scores"]))
+
+
+def test_typed_arrays_pack_as_gguf_py_packs_them(tmp_path):
+    """The vocabulary's arrays are packed in whole-array operations (gguf_io._writer_class);
+    the metadata section is byte for byte what gguf-py's own per-element packing writes."""
+    import gguf
+
+    rng = np.random.default_rng(3)
+    tokens = [bytes(rng.integers(1, 256, rng.integers(0, 9)).astype(np.uint8)) for _ in range(3000)]
+    tokens += ["▁héllo".encode(), "<s>".encode(), b""]
+    scores = [float(x) for x in rng.standard_normal(len(tokens)).astype(np.float32)]
+    types = [int(x) for x in rng.integers(1, 7, len(tokens))]
+    merges = ["a b", "▁ t", "é ç"]
+    outs = []
+    for endian in (gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG):
+        for cls in (gguf.GGUFWriter, gguf_io._writer_class()):
+            path = tmp_path / f"{cls.__name__}-{endian.name}.gguf"
+            w = cls(None, "llama", endianess=endian)
+            if cls is gguf.GGUFWriter:
+                w.add_token_list(tokens), w.add_token_scores(scores), w.add_token_types(types)
+                w.add_token_merges(merges)
+            else:
+                for key, kind, val in ((gguf.Keys.Tokenizer.LIST, "STRING", tokens),
+                                       (gguf.Keys.Tokenizer.SCORES, "FLOAT32", scores),
+                                       (gguf.Keys.Tokenizer.TOKEN_TYPE, "INT32", types),
+                                       (gguf.Keys.Tokenizer.MERGES, "STRING", merges)):
+                    w.add_typed_array(key, kind, val)
+            w.add_uint32("llama.context_length", 4096)
+            w.write_header_to_file(path)
+            w.write_kv_data_to_file()
+            w.close()
+            outs.append(path.read_bytes())
+    assert outs[0] == outs[1] and outs[2] == outs[3]
+    assert outs[0] != outs[2]

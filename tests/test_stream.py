@@ -4,7 +4,8 @@
   whole rows, pieces inside a row, many pieces per tensor);
 - same-type tensors whose bytes are one range of the input go by kernel copy, and that
   gives the same file as copying them through memory or re-encoding them from float32;
-- which readers report a file span, and which transforms drop it.
+- which readers report a file span, and which transforms drop it;
+- writeback to disk is started as the output grows, without changing a byte.
 """
 from __future__ import annotations
 
@@ -163,3 +164,39 @@ def test_torch_zip_stored_tensors_have_spans(tmp_path):
         path_, offset, nbytes = t.file_span()
         assert mapped.read_bytes(path_, offset, nbytes) == np.ascontiguousarray(t.raw()).tobytes(), name
     assert tensors["t"].file_span() is None
+
+
+def test_writeback_is_started_in_order_and_changes_no_byte(bf16_source, tmp_path, monkeypatch):
+    """Outputs are fsynced before the rename; write_tensors starts their writeback as it goes
+    (every stream.WRITEBACK bytes), over consecutive ranges, without changing the file."""
+    _convert(bf16_source, tmp_path / "plain.gguf", None, {"dtype": "q8_0"}, threads=2)
+    ranges = []
+    real = mapped.start_writeback
+
+    def recording(f, start, end):
+        ranges.append((start, end))
+        return real(f, start, end)
+
+    monkeypatch.setattr(stream, "start_writeback", recording)
+    monkeypatch.setattr(stream, "WRITEBACK", 4096)
+    _convert(bf16_source, tmp_path / "wb.gguf", None, {"dtype": "q8_0"}, threads=2)
+    data = (tmp_path / "wb.gguf").read_bytes()
+    assert data == (tmp_path / "plain.gguf").read_bytes()
+    assert len(ranges) > 3
+    assert all(a < b for a, b in ranges)
+    assert all(b == c for (_, b), (c, _) in zip(ranges, ranges[1:]))  # consecutive, no gaps or overlaps
+    assert ranges[-1][1] > len(data) - (64 << 10)  # up to (nearly) the end of the data
+
+
+def test_start_writeback_is_a_hint(tmp_path, monkeypatch):
+    """Where sync_file_range is missing (other systems) it does nothing; where present, the
+    file's bytes and position are unchanged."""
+    p = tmp_path / "f"
+    with open(p, "wb") as f:
+        f.write(b"x" * 10000)
+        mapped.start_writeback(f, 0, 10000)
+        assert f.tell() == 10000
+        monkeypatch.setattr(mapped, "_sync_file_range", False)
+        f.write(b"y" * 10)
+        mapped.start_writeback(f, 10000, 10010)
+    assert p.read_bytes() == b"x" * 10000 + b"y" * 10

@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import codecs, dtypes
-from .mapped import copy_range, map_array
+from .mapped import copy_range, map_array, start_writeback
 from .parallel import default_workers, ordered_map
 
 PIECE_ELEMENTS = 1 << 21  # float32 values per encoded piece: 8 MB of float32
 COPY_SLICE = 64 << 20  # bytes per write of an unchanged, computed tensor
+WRITEBACK = 64 << 20  # start writing the output to disk every this many bytes (mapped.start_writeback)
 
 
 @dataclass
@@ -66,6 +67,7 @@ def write_tensors(f, jobs, *, threads: int | None = None, before=None, after=Non
     threads = default_workers() if threads is None else max(1, int(threads))
     started = -1
     pieces = _pieces(jobs, piece_elements)
+    flushed = f.tell()  # output bytes already handed to start_writeback
     # At most `threads` pieces exist at once: while the oldest is awaited (then written), the
     # others are being encoded, which keeps every core busy since writing is quick.
     for piece, out in ordered_map(_run, pieces, workers=threads, max_pending=threads):
@@ -92,6 +94,9 @@ def write_tensors(f, jobs, *, threads: int | None = None, before=None, after=Non
         if piece.last:
             _check(jobs[i], r)
             f.flush()  # the tensor is in the file (not in a buffer) before the next is read
+            if f.tell() - flushed >= WRITEBACK:
+                start_writeback(f, flushed, f.tell())
+                flushed = f.tell()
             if after is not None:
                 after(i)
         del piece  # not kept alive (with its source arrays) while the next piece is awaited

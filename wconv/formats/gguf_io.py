@@ -438,21 +438,50 @@ def pack_kv(key: str, kind: str, element, value, e: str) -> bytes:
     is an ARRAY's element type; `e` the byte order ("<" or ">"). For writers that patch headers
     without gguf-py's writer (edit, split), which cannot keep tensor data in place."""
     k = key.encode("utf-8")
-    out = [struct.pack(e + "Q", len(k)), k, struct.pack(e + "I", _kv_type_id(kind))]
+    return b"".join((struct.pack(e + "Q", len(k)), k, struct.pack(e + "I", _kv_type_id(kind)),
+                     pack_value(kind, element, value, e)))
+
+
+def pack_value(kind: str, element, value, e: str) -> bytes:
+    """A metadata value without its key and type: arrays in whole-array numpy/bytes operations."""
     if kind == "ARRAY":
-        out.append(struct.pack(e + "IQ", _kv_type_id(element), len(value)))
+        head = struct.pack(e + "IQ", _kv_type_id(element), len(value))
         if element == "STRING":
-            for s in value:
-                b = s if isinstance(s, bytes) else s.encode("utf-8")
-                out += [struct.pack(e + "Q", len(b)), b]
-        else:
-            out.append(np.asarray(value, dtype=np.dtype(KV_CODES[element]).newbyteorder(e)).tobytes())
-    elif kind == "STRING":
+            return head + _pack_strings(value, e)
+        return head + np.asarray(value, dtype=np.dtype(KV_CODES[element]).newbyteorder(e)).tobytes()
+    if kind == "STRING":
         b = value if isinstance(value, bytes) else value.encode("utf-8")
-        out += [struct.pack(e + "Q", len(b)), b]
-    else:
-        out.append(struct.pack(e + KV_CODES[kind], value))
-    return b"".join(out)
+        return struct.pack(e + "Q", len(b)) + b
+    return struct.pack(e + KV_CODES[kind], value)
+
+
+def _pack_strings(items, e: str) -> bytes:
+    """GGUF strings back to back (u64 length, bytes), without a Python call per item and field."""
+    data = [s if isinstance(s, bytes) else s.encode("utf-8") for s in items]
+    lengths = np.fromiter(map(len, data), dtype=np.dtype(e + "u8"), count=len(data)).tobytes()
+    parts = [b""] * (2 * len(data))
+    parts[0::2] = [lengths[i:i + 8] for i in range(0, len(lengths), 8)]
+    parts[1::2] = data
+    return b"".join(parts)
+
+
+def _writer_class():
+    """gguf-py's GGUFWriter, packing typed arrays (the vocabulary: ~100k tokens, scores, types,
+    merges) with pack_value: gguf-py packs them one struct call per element, 0.1 s a conversion."""
+    from gguf import GGUFEndian, GGUFValueType, GGUFWriter
+
+    class Writer(GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype != GGUFValueType.ARRAY or sub_type is None or len(val) == 0:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            e = "<" if self.endianess == GGUFEndian.LITTLE else ">"
+            return (struct.pack(e + "I", vtype) if add_vtype else b"") + pack_value("ARRAY", sub_type.name, val, e)
+
+        def add_typed_array(self, key: str, element: str, val) -> None:
+            if len(val):
+                self.add_key_value(key, val, GGUFValueType.ARRAY, GGUFValueType[element])
+
+    return Writer
 
 
 def check_writable(model: Model, where: str) -> tuple[list, int]:
@@ -539,6 +568,8 @@ def _add_hparams(w, fam, cfg: Config, n_ctx: int, n_vocab: int):
 
 
 def _add_vocab(w, model: Model, n_vocab: int, where: str, notes: list):
+    from gguf import Keys
+
     tok = model.tokenizer
     if tok is None:
         w.add_tokenizer_model(NO_VOCAB[0])
@@ -550,13 +581,14 @@ def _add_vocab(w, model: Model, n_vocab: int, where: str, notes: list):
     pre = _pre_name(tok, model, where, notes)
     if pre is not None:
         w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
+    w.add_typed_array(Keys.Tokenizer.LIST, "STRING", tokens)
     if scores is not None:
-        w.add_token_scores(scores)
+        w.add_typed_array(Keys.Tokenizer.SCORES, "FLOAT32", scores)
     if types is not None:
-        w.add_token_types(types)
+        w.add_typed_array(Keys.Tokenizer.TOKEN_TYPE, "INT32", types)
     if tok.merges:
-        w.add_token_merges([m if isinstance(m, str) else bytes(m).decode("utf-8") for m in tok.merges])
+        w.add_typed_array(Keys.Tokenizer.MERGES, "STRING",
+                          [m if isinstance(m, str) else bytes(m).decode("utf-8") for m in tok.merges])
     elif tok.model == "gpt2":
         raise UsageError(where, "the byte-level BPE vocabulary has no merges, without which llama.cpp cannot load it")
     for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("unknown_token_id", tok.unk_id),
@@ -705,8 +737,6 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     output_tensor_type / token_embedding_type / pure: llama-quantize's overrides (quantised dtype only).
     Returns the list of notes (type fallbacks, padding...), also printed to stderr.
     """
-    from gguf import GGUFWriter
-
     where = model.path or os.fspath(tmp_path)
     cfg = model.config
     p = plan(model, where, dtype=dtype, max_seq_len=max_seq_len,
@@ -719,7 +749,7 @@ def write(model: Model, tmp_path, *, quiet: bool = False, dtype: str | None = No
     names = list(tensors)
     overrides = metadata_overrides or {}
 
-    w = GGUFWriter(None, fam.gguf_arch)
+    w = _writer_class()(None, fam.gguf_arch)
     w.add_name(overrides["general.name"][1] if "general.name" in overrides else _model_name(model))
     _add_overrides(w, overrides)
     w.add_file_type(p.file_type(model, dtype))
