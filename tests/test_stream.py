@@ -200,3 +200,17 @@ def test_start_writeback_is_a_hint(tmp_path, monkeypatch):
         f.write(b"y" * 10)
         mapped.start_writeback(f, 10000, 10010)
     assert p.read_bytes() == b"x" * 10000 + b"y" * 10
+
+
+def test_kernel_copies_start_their_own_writeback(tmp_path, monkeypatch):
+    """copy_range (GGUF split, edit, mirror and same-type tensors) starts writeback of exactly
+    the range it appended."""
+    src = tmp_path / "src"
+    src.write_bytes(bytes(range(256)) * 64)
+    ranges = []
+    monkeypatch.setattr(mapped, "start_writeback", lambda f, a, b: ranges.append((a, b)))
+    with open(tmp_path / "dst", "wb") as f:
+        f.write(b"head")
+        mapped.copy_range(src, 100, 5000, f)
+    assert ranges == [(4, 5004)]
+    assert (tmp_path / "dst").read_bytes() == b"head" + src.read_bytes()[100:5100]

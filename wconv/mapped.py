@@ -115,6 +115,7 @@ def copy_range(src, offset: int, nbytes: int, dst, *, what: str = "tensor data")
                     done += len(chunk)
                 dst.flush()
             os.lseek(out_fd, pos + nbytes, os.SEEK_SET)
+        start_writeback(dst, pos, pos + nbytes)  # outputs are fsynced before the rename: start now
     except OSError as e:
         if e.filename is None:
             e.filename = getattr(dst, "name", None)  # a write error: the output's, for atomic's message

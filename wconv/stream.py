@@ -31,7 +31,9 @@ from .parallel import default_workers, ordered_map
 
 PIECE_ELEMENTS = 1 << 21  # float32 values per encoded piece: 8 MB of float32
 COPY_SLICE = 64 << 20  # bytes per write of an unchanged, computed tensor
-WRITEBACK = 64 << 20  # start writing the output to disk every this many bytes (mapped.start_writeback)
+# start writing the output to disk every this many bytes (mapped.start_writeback; kernel copies
+# start their own range, so this mostly serves encoded pieces)
+WRITEBACK = 64 << 20
 
 
 @dataclass

@@ -25,6 +25,7 @@ tokens (token ids in, logits out; no text).
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -465,6 +466,7 @@ def _pack_strings(items, e: str) -> bytes:
     return b"".join(parts)
 
 
+@functools.cache
 def _writer_class():
     """gguf-py's GGUFWriter, packing typed arrays (the vocabulary: ~100k tokens, scores, types,
     merges) with pack_value: gguf-py packs them one struct call per element, 0.1 s a conversion."""
