@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import modelgen
+from conftest import fixture_path
 from wconv import dtypes, mapped, stream
 from wconv.convert.load import load_model
 from wconv.convert.save import convert, save
@@ -214,3 +215,43 @@ def test_kernel_copies_start_their_own_writeback(tmp_path, monkeypatch):
         mapped.copy_range(src, 100, 5000, f)
     assert ranges == [(4, 5004)]
     assert (tmp_path / "dst").read_bytes() == b"head" + src.read_bytes()[100:5100]
+
+
+# --- computed tensors, a few rows at a time ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def computed_sources(bf16_source, tmp_path_factory):
+    """Inputs whose tensors are computed on the way in: an HF directory (q/k rows un-permuted)
+    and a two-shard Meta checkpoint (every matrix merged, along rows or columns)."""
+    d = tmp_path_factory.mktemp("computed")
+    _convert(bf16_source, d / "hf", "hf", {}, threads=1)
+    return {"hf": str(d / "hf"), "meta-2shard": fixture_path("meta-tiny-2shard")}
+
+
+@pytest.mark.parametrize("src", ["hf", "meta-2shard"])
+@pytest.mark.parametrize("name, to, options", [
+    ("bf16.gguf", None, {"dtype": "bf16"}),  # same type: rows stored as computed
+    ("q8_0.gguf", None, {"dtype": "q8_0"}),
+    ("v0.bin", None, {"version": 0}),
+    ("hf", "hf", {}),  # HF output: the permutation applied again on top
+])
+def test_computed_tensors_by_rows_equal_the_whole_tensor_path(computed_sources, src, name, to, options,
+                                                              tmp_path, monkeypatch):
+    calls = []
+    real = stream._row_blocks
+
+    def counting(t, *args):
+        blocks = real(t, *args)
+        calls.append((t.name, blocks))
+        return blocks
+
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 100)  # many pieces per tensor
+    monkeypatch.setattr(stream, "_row_blocks", counting)
+    _convert(computed_sources[src], tmp_path / f"rows-{name}", to, options, threads=2)
+    by_rows = [n for n, blocks in calls if blocks is not None and len(blocks) > 1]
+    assert any("attn_q" in n for n in by_rows) and any("attn_k" in n for n in by_rows), calls
+    if src == "meta-2shard":
+        assert any("attn_output" in n for n in by_rows)  # merged along its columns
+    monkeypatch.setattr(stream, "_row_blocks", lambda t, *args: None)  # whole-tensor fallback
+    _convert(computed_sources[src], tmp_path / f"whole-{name}", to, options, threads=1)
+    assert _bytes(tmp_path / f"rows-{name}") == _bytes(tmp_path / f"whole-{name}")

@@ -5,13 +5,15 @@ DType). For each tensor, in order:
 
 - same type in and out, bytes one plain range of the input file (LazyTensor.file_span):
   copied by the kernel (wconv.mapped.copy_range); the data never enters this process;
-- same type, computed bytes (a permutation, a shard merge): the stored-form array, written
-  in slices;
+- same type, computed bytes (a permutation, a shard merge): computed a few rows at a time
+  (LazyTensor.read_rows) on the thread pool, or for the rare computed tensor that cannot be
+  made by rows, the stored-form array written in slices;
 - anything else: pieces of whole rows (at most PIECE_ELEMENTS values, 8 MB of float32)
   are decoded to float32 and encoded as the target (wconv.codecs) on a small thread pool
   (wconv.parallel.ordered_map) while the calling thread writes the previous pieces. Pieces
   of a tensor with a file span are mapped one at a time, so neither a float32 copy of a
-  tensor nor its whole input mapping is ever resident.
+  tensor nor its whole input mapping is ever resident; pieces of a computed tensor are
+  computed from just the source rows they need.
 
 Results are written in order, so the output is byte-identical whatever the thread count.
 Writers keep their own headers: `before(i)` is called just before tensor i's first byte
@@ -30,6 +32,9 @@ from .mapped import copy_range, map_array, start_writeback
 from .parallel import default_workers, ordered_map
 
 PIECE_ELEMENTS = 1 << 21  # float32 values per encoded piece: 8 MB of float32
+# the largest row group (e.g. one attention head's rows) a computed tensor is made in, in values;
+# a tensor whose groups are larger is built whole (none of the families' tensors are)
+GROUP_LIMIT = 1 << 23
 COPY_SLICE = 64 << 20  # bytes per write of an unchanged, computed tensor
 # start writing the output to disk every this many bytes (mapped.start_writeback; kernel copies
 # start their own range, so this mostly serves encoded pieces)
@@ -125,6 +130,8 @@ def _run(piece: _Piece):
         return piece, (piece.data, False)
     load, src, target = piece.data
     raw = load()
+    if src is target:  # computed rows, stored as they are
+        return piece, (_stored_bytes(raw, target), False)
     out = codecs.converter(src, target)(raw, piece.rows)
     overflow = target is dtypes.F16 and src is not dtypes.F16 and _f16_overflow(out, src, raw)
     return piece, (out.view(np.uint8), overflow)
@@ -152,13 +159,36 @@ def _pieces(jobs, piece_elements: int):
         yield from _encoded_pieces(i, t, target, piece_elements)
 
 
-def _stored_slices(i, t, target):
-    raw = np.ascontiguousarray(t.raw())
+def _stored_bytes(raw, target) -> np.ndarray:
+    raw = np.ascontiguousarray(raw)
     if target.quantized:
-        data = raw.reshape(-1).view(np.uint8)
-    else:
-        data = raw.astype(target.storage.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
-    del raw
+        return raw.reshape(-1).view(np.uint8)
+    return raw.astype(target.storage.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
+
+
+def _row_blocks(t, max_elements: int, row: int):
+    """(start, stop) first-axis row ranges of a computed tensor t, each whole row_groups holding a
+    whole number of `row`-element rows and, where a group allows, at most max_elements; None if t
+    cannot be read by rows."""
+    if t.rows_of is None or not t.shape or t.n_elements == 0:
+        return None
+    e = t.n_elements // t.rows  # elements per first-axis row
+    unit = math.lcm(t.row_group, row // math.gcd(row, e)) if row else t.rows
+    if unit * e > max(max_elements, GROUP_LIMIT):
+        return None  # a single group is too large: the rare whole-tensor fallback
+    per = max(unit, max_elements // e // unit * unit)
+    return [(a, min(t.rows, a + per)) for a in range(0, t.rows, per)]
+
+
+def _stored_slices(i, t, target):
+    e = t.n_elements // t.rows if t.shape else t.n_elements
+    # pieces the size of an encoded piece's float32 (both the rows and their mapped source count)
+    blocks = _row_blocks(t, max(1, 4 * PIECE_ELEMENTS // max(1, target.nbytes(e)) * e), 1)
+    if blocks is not None:
+        for a, b in blocks:
+            yield _Piece(i, b >= t.rows, "encode", (lambda a=a, b=b: t.read_rows(a, b), target, target))
+        return
+    data = _stored_bytes(t.raw(), target)
     n = data.nbytes
     if n == 0:
         yield _Piece(i, True, "bytes", data)
@@ -179,6 +209,13 @@ def _encoded_pieces(i, t, target, piece_elements: int):
     else:  # one row is larger than a piece: split it at block boundaries of both types
         unit = math.lcm(src.block, target.block)
         step, shape_of = max(unit, piece_elements // unit * unit), (lambda k: (1, k))
+    blocks = _row_blocks(t, piece_elements, row) if t.file_span() is None else None
+    if blocks is not None:  # a computed tensor: each piece from just the source rows it needs
+        e = n // t.rows
+        for a, b in blocks:
+            yield _Piece(i, b >= t.rows, "encode", (lambda a=a, b=b: t.read_rows(a, b), src, target),
+                         shape_of((b - a) * e))
+        return
     span = t.file_span()
     storage = src.storage.newbyteorder("<")
     whole = None

@@ -5,6 +5,11 @@
 view of a memory-mapped file. `float32()` widens/dequantises. Transforms (shard
 merges, permutations, transposes) are new LazyTensors wrapping a function of
 their sources, so nothing is read until a writer asks for that one tensor.
+
+A tensor can also be read a few rows (first-axis slices) at a time with `read_rows`:
+from its file range when it has one, and for the transforms that keep rows apart (q/k
+head permutations, shard merges) by computing just those rows from the sources' rows,
+so writers never build a whole computed tensor either.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import numpy as np
 
 from . import codecs, dtypes
 from .dtypes import DType
+from .mapped import map_array
 
 
 def to_float32(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
@@ -34,6 +40,10 @@ class LazyTensor:
     # Where the stored bytes lie, if they are one plain little-endian C-order range of a file:
     # (path, offset, nbytes), or a function returning that or None (resolved on request).
     span: object = field(default=None, repr=False, compare=False)
+    # For computed tensors that can be made a few rows at a time: (start, stop) -> the raw rows
+    # [start, stop) (see read_rows); start and stop are multiples of row_group.
+    rows_of: Callable | None = field(default=None, repr=False, compare=False)
+    row_group: int = 1
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -62,6 +72,40 @@ class LazyTensor:
             arr = arr.reshape(self.shape)
         return arr
 
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def row_bytes(self) -> int:
+        return self.nbytes // self.rows if self.rows else 0
+
+    def rows_piecewise(self) -> bool:
+        """True if read_rows reads only the rows asked for (not the whole tensor first)."""
+        return self.rows_of is not None or self.file_span() is not None
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Raw rows [start, stop) of the first axis: shape (stop - start, *shape[1:]) in the
+        storage dtype, or for quantised types the rows' flat uint8 blocks. start and stop are
+        multiples of row_group (or stop is the row count). Only those rows are read when
+        rows_piecewise(); a file range is mapped just for them (the mapping goes with the array)."""
+        if self.rows_of is not None:
+            return self.rows_of(start, stop)
+        span = self.file_span()
+        if span is None:
+            raw = self.raw()
+            if self.dtype.quantized:
+                rb = self.row_bytes()
+                return np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)[start * rb:stop * rb]
+            return raw.reshape(self.shape)[start:stop] if self.shape else raw.reshape(1)[start:stop]
+        path, offset, _ = span
+        rb = self.row_bytes()
+        what = f"tensor {self.name!r}"
+        if self.dtype.quantized:
+            return map_array(path, offset + start * rb, (stop - start) * rb, np.uint8, what=what)
+        arr = map_array(path, offset + start * rb, (stop - start) * rb, self.dtype.storage.newbyteorder("<"),
+                        what=what)
+        return arr.reshape((stop - start, *self.shape[1:]))
+
     def float32(self) -> np.ndarray:
         return to_float32(self.raw(), self.dtype, self.shape)
 
@@ -72,8 +116,19 @@ class LazyTensor:
         by default) instead of a few copies of the largest tensor. Piece sizes are multiples
         of `multiple_of` (e.g. a quantisation group) and of the dtype's block.
         """
-        raw = self.raw()
         step = max(1, max_elements // (multiple_of * self.dtype.block)) * multiple_of * self.dtype.block
+        if self.rows_of is not None and not self.dtype.quantized and len(self.shape) >= 2:
+            # A computed tensor: whole groups of rows at a time, each piece a multiple of step's unit.
+            row = self.n_elements // self.rows
+            unit = multiple_of * self.dtype.block
+            per = math.lcm(self.row_group, unit // math.gcd(unit, row)) if row else self.rows
+            if row and per * row <= max(max_elements, row * self.row_group):
+                per = max(per, max_elements // row // per * per)
+                for a in range(0, self.rows, per):
+                    block = self.read_rows(a, min(self.rows, a + per))
+                    yield to_float32(np.ascontiguousarray(block).reshape(-1), self.dtype, (block.size,))
+                return
+        raw = self.raw()
         if self.dtype.quantized:
             flat = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
             per_block = self.dtype.block_bytes
@@ -105,8 +160,25 @@ class LazyTensor:
         return LazyTensor(name or self.name, dtype or (dtypes.F32 if float_input else self.dtype),
                           tuple(shape) if shape is not None else self.shape, load, self.source)
 
+    def derive_rows(self, fn: Callable[[np.ndarray], np.ndarray], group: int) -> "LazyTensor":
+        """A lazy tensor of the same type and shape whose every block of `group` rows is
+        fn(those raw rows of this one), fn mapping any whole number of groups to as many rows
+        (e.g. a per-head row permutation). Writers can then read it a few groups at a time."""
+        src = self
+        if not self.shape or group <= 0 or self.shape[0] % group:
+            raise ValueError(f"{self.name}: {self.shape[0] if self.shape else 0} rows are not groups of {group}")
+
+        def load():
+            if not src.dtype.quantized:
+                return fn(src.raw())
+            return fn(np.ascontiguousarray(src.raw(), dtype=np.uint8).reshape(-1)).reshape(-1)
+
+        return LazyTensor(self.name, self.dtype, self.shape, load, self.source,
+                          rows_of=lambda a, b: fn(src.read_rows(a, b)), row_group=math.lcm(group, self.row_group))
+
     def renamed(self, name: str) -> "LazyTensor":
-        return LazyTensor(name, self.dtype, self.shape, self.loader, self.source, self.storage_key, self.span)
+        return LazyTensor(name, self.dtype, self.shape, self.loader, self.source, self.storage_key, self.span,
+                          self.rows_of, self.row_group)
 
     @staticmethod
     def from_array(name: str, arr: np.ndarray, dtype: DType | None = None, source="memory") -> "LazyTensor":
@@ -127,7 +199,24 @@ class LazyTensor:
         def load():
             return np.concatenate([p.raw() for p in parts], axis=axis)
 
-        return LazyTensor(name, dt, tuple(shape), load, "+".join(p.source for p in parts))
+        rows_of, group = None, 1
+        if not dt.quantized and len(shape) >= 2:
+            group = math.lcm(*(p.row_group for p in parts))
+            if axis == 0 and group == 1:
+                starts = [0]
+                for p in parts:
+                    starts.append(starts[-1] + p.shape[0])
+
+                def rows_of(a, b):
+                    pieces = [p.read_rows(max(a, lo) - lo, min(b, hi) - lo)
+                              for p, lo, hi in zip(parts, starts, starts[1:]) if lo < b and a < hi]
+                    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+            elif axis > 0:
+                def rows_of(a, b):
+                    return np.concatenate([p.read_rows(a, b) for p in parts], axis=axis)
+
+        return LazyTensor(name, dt, tuple(shape), load, "+".join(p.source for p in parts),
+                          rows_of=rows_of, row_group=group if rows_of else 1)
 
 
 _NUMPY_TO_DTYPE = {

@@ -254,7 +254,8 @@ class Decoder(Family):
                     if not heads or t.shape[0] % (2 * heads):
                         problems.notes.append(f"{name}: left in HF rotary order (head count unknown)")
                         continue
-                    canon[name] = t.derive(lambda a, h=heads: hf_unpermute(a, h))
+                    per_head = t.shape[0] // heads  # rows of one head: the permutation stays inside them
+                    canon[name] = t.derive_rows(lambda a, g=per_head: hf_unpermute(a, a.shape[0] // g), per_head)
             if self.norm_plus_one:
                 for name, t in list(canon.items()):
                     if name.endswith("norm.weight"):
@@ -263,12 +264,14 @@ class Decoder(Family):
     def to_layout(self, name, t, cfg, layout):
         if layout == "hf":
             heads = self._rotary_heads(name, cfg) if self.hf_permuted else None
-            if heads and t.dtype.quantized:
-                # Rows of quantised blocks move as they are: no dequantised copy of the tensor.
-                rows, row_bytes = t.shape[0], t.nbytes // t.shape[0]
-                return t.derive(lambda a, h=heads: hf_permute(np.asarray(a).reshape(rows, row_bytes), h).reshape(-1))
             if heads:
-                return t.derive(lambda a, h=heads: hf_permute(a, h))
+                per_head = t.shape[0] // heads  # rows of one head: the permutation stays inside them
+                if t.dtype.quantized:
+                    # Rows of quantised blocks move as they are: no dequantised copy of the tensor.
+                    row_bytes = t.row_bytes()
+                    return t.derive_rows(lambda a, g=per_head, rb=row_bytes: hf_permute(
+                        np.asarray(a).reshape(-1, rb), a.size // rb // g).reshape(-1), per_head)
+                return t.derive_rows(lambda a, g=per_head: hf_permute(a, a.shape[0] // g), per_head)
             if self.norm_plus_one and name.endswith("norm.weight"):
                 return t.derive(lambda a: a - np.float32(1), float_input=True)
         return t
