@@ -217,50 +217,9 @@ def machine() -> list:
     return lines
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=2, help="2 (~1.27 GB) or 32 (Llama 2 7B, 13.5 GB)")
-    ap.add_argument("--workdir", default="/tmp/wconv-bench")
-    ap.add_argument("--llama-cpp", help="a llama.cpp checkout (convert_hf_to_gguf.py, examples/convert_legacy_llama.py)")
-    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="a Llama sentencepiece tokenizer.model")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (best time is reported)")
-    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
-    ap.add_argument("--keep", action="store_true", help="keep the generated inputs")
-    ap.add_argument("--only", help="comma-separated label substrings to run (debugging)")
-    ap.add_argument("--report-from", help="rewrite the report from a saved RESULTS.json (no measuring)")
-    args = ap.parse_args()
-    if args.report_from:
-        with open(args.report_from) as f:
-            saved = json.load(f)
-        args.layers, args.repeat = saved["layers"], saved["repeat"]
-        print(write_results(args, saved["rows"], saved["load_before"], saved["in_meta"], saved["in_hf"],
-                            saved.get("machine")))
-        return
-    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
-    # An installed wheel carries compiled bytecode; a checkout run with PYTHONDONTWRITEBYTECODE
-    # would compile every module at each start (0.14 s a run). Compile once, as pip does, for
-    # wconv and for the llama.cpp converters' gguf-py alike.
-    compiled = [os.path.join(ROOT, "wconv")] + ([os.path.join(args.llama_cpp, "gguf-py")] if args.llama_cpp else [])
-    subprocess.run([PY, "-m", "compileall", "-q", *compiled], stdout=subprocess.DEVNULL, check=False)
-    os.makedirs(args.workdir, exist_ok=True)
-    load_before = os.getloadavg()
-
-    meta = os.path.join(args.workdir, f"meta-{args.layers}l")
-    pth = os.path.join(meta, "consolidated.00.pth")
-    if not os.path.exists(os.path.join(meta, "params.json")):
-        print(f"making the {args.layers}-layer checkpoint in {meta} ...", flush=True)
-        make_meta(meta, args.layers, args.tokenizer)
-    hf = os.path.join(args.workdir, f"hf-{args.layers}l")
-    if not os.path.exists(os.path.join(hf, "config.json")):
-        subprocess.run([*WCONV, "convert", meta, hf, "--to", "hf", "--dtype", "bf16", "--quiet"], check=True)
-    hf_files = [os.path.join(hf, n) for n in sorted(os.listdir(hf)) if n.endswith(".safetensors")]  # 3 shards at 7B
-    in_meta, in_hf = os.path.getsize(pth), _size(hf)
-    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
-    b = Bench(args.workdir, args.repeat)
-    wanted = lambda label: not args.only or any(s in label for s in args.only.split(","))  # noqa: E731
-
-    print(f"inputs: Meta {in_meta / MB:.0f} MB, HF {in_hf / MB:.0f} MB; load average {load_before[0]:.1f}")
-    subprocess.run(["cat", pth, *hf_files], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+def _cases(args, meta, pth, hf, hf_files, out) -> list:
+    """(label, group, command, output, input bytes[, env]) of every measurement, in run order."""
+    in_meta, in_hf = os.path.getsize(pth), (_size(hf) if hf_files else 0)
     cases = []
     for kind, src, size, cp_src in (("Meta", meta, in_meta, [pth]), ("HF", hf, in_hf, hf_files)):
         cp_dir = out(f"cp-{kind}")
@@ -278,6 +237,9 @@ def main():
         cases.append((f"wconv {kind} -> llama2.c v0", kind,
                       [*WCONV, "pth-to-bin", src, out("w.bin"), "--quiet"], out("w.bin"), size))
         cases.append((f"cp of the v0 output ({kind})", kind, ["cp", out("w.bin"), out("cp-v0.bin")],
+                      out("cp-v0.bin"), size))
+        cases.append((f"cp + sync of the v0 output ({kind})", kind,
+                      ["sh", "-c", 'cp "$0" "$1" && sync "$1"', out("w.bin"), out("cp-v0.bin")],
                       out("cp-v0.bin"), size))
         cases.append((f"wconv {kind} -> safetensors", kind,
                       [*WCONV, "convert", src, out("w.safetensors"), "--quiet"], out("w.safetensors"), size))
@@ -310,11 +272,62 @@ def main():
                     cases.append((f"llama.cpp convert_hf_to_gguf {kind} -> {dt}", kind,
                                   [PY, hf_conv, src, "--outtype", dt, "--outfile", out(f"h-{dt}.gguf")],
                                   out(f"h-{dt}.gguf"), size, env))
+    return cases
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=2, help="2 (~1.27 GB) or 32 (Llama 2 7B, 13.5 GB)")
+    ap.add_argument("--workdir", default="/tmp/wconv-bench")
+    ap.add_argument("--llama-cpp", help="a llama.cpp checkout (convert_hf_to_gguf.py, examples/convert_legacy_llama.py)")
+    ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="a Llama sentencepiece tokenizer.model")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (best time is reported)")
+    ap.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    ap.add_argument("--keep", action="store_true", help="keep the generated inputs")
+    ap.add_argument("--only", help="comma-separated label substrings to run (debugging)")
+    ap.add_argument("--report-from", help="rewrite the report from a saved RESULTS.json (no measuring)")
+    ap.add_argument("--flat-against", help="a saved RESULTS.json of another model size: compare peak RSS "
+                                           "per conversion (the flat-memory target)")
+    args = ap.parse_args()
+    if args.report_from:
+        with open(args.report_from) as f:
+            saved = json.load(f)
+        args.layers, args.repeat, args.only = saved["layers"], saved["repeat"], saved.get("only", args.only)
+        print(write_results(args, saved["rows"], saved["load_before"], saved["in_meta"], saved["in_hf"],
+                            saved.get("machine")))
+        return
+    os.environ["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    # An installed wheel carries compiled bytecode; a checkout run with PYTHONDONTWRITEBYTECODE
+    # would compile every module at each start (0.14 s a run). Compile once, as pip does, for
+    # wconv and for the llama.cpp converters' gguf-py alike.
+    compiled = [os.path.join(ROOT, "wconv")] + ([os.path.join(args.llama_cpp, "gguf-py")] if args.llama_cpp else [])
+    subprocess.run([PY, "-m", "compileall", "-q", *compiled], stdout=subprocess.DEVNULL, check=False)
+    os.makedirs(args.workdir, exist_ok=True)
+    load_before = os.getloadavg()
+
+    meta = os.path.join(args.workdir, f"meta-{args.layers}l")
+    pth = os.path.join(meta, "consolidated.00.pth")
+    if not os.path.exists(os.path.join(meta, "params.json")):
+        print(f"making the {args.layers}-layer checkpoint in {meta} ...", flush=True)
+        make_meta(meta, args.layers, args.tokenizer)
+    hf = os.path.join(args.workdir, f"hf-{args.layers}l")
+    wanted = lambda label: not args.only or any(s in label for s in args.only.split(","))  # noqa: E731
+    # The HF directory is made only when an HF case is wanted (at 7B: 13.5 GB of disk, which the
+    # 27 GB v0 output and its 27 GB cp anchor need on a smaller disk).
+    need_hf = any(wanted(c[0]) for c in _cases(args, meta, pth, hf, [], lambda n: n) if c[1] == "HF")
+    if need_hf and not os.path.exists(os.path.join(hf, "config.json")):
+        subprocess.run([*WCONV, "convert", meta, hf, "--to", "hf", "--dtype", "bf16", "--quiet"], check=True)
+    hf_files = sorted(os.path.join(hf, n) for n in os.listdir(hf) if n.endswith(".safetensors")) if need_hf else []
+    in_meta, in_hf = os.path.getsize(pth), (_size(hf) if need_hf else 0)
+    out = lambda name: os.path.join(args.workdir, name)  # noqa: E731
+    b = Bench(args.workdir, args.repeat)
+
+    print(f"inputs: Meta {in_meta / MB:.0f} MB, HF {in_hf / MB:.0f} MB; load average {load_before[0]:.1f}")
+    subprocess.run(["cat", pth, *hf_files], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
+    cases = [c for c in _cases(args, meta, pth, hf, hf_files, out) if wanted(c[0])]
     for i, case in enumerate(cases):
         label, group, cmd, dst, size = case[:5]
         env = case[5] if len(case) > 5 else None
-        if not wanted(label):
-            continue
         if size is None:  # input is an earlier output
             src_file = cmd[-3] if label.startswith("wconv") else cmd[1]
             if not os.path.exists(src_file):
@@ -345,10 +358,11 @@ def write_results(args, rows, load_before, in_meta, in_hf, machine_lines=None) -
     machine_lines = machine_lines or machine()
     with open(os.path.splitext(args.results)[0] + ".json", "w") as f:
         json.dump({"layers": args.layers, "repeat": args.repeat, "load_before": load_before, "in_meta": in_meta,
-                   "in_hf": in_hf, "machine": machine_lines, "rows": rows}, f, indent=1)
+                   "in_hf": in_hf, "machine": machine_lines, "only": args.only, "rows": rows}, f, indent=1)
     lines = ["# wconv conversion benchmark", "",
              f"`bench/bench_convert.py --layers {args.layers}"
-             + (" --llama-cpp DIR" if args.llama_cpp else "") + f" --repeat {args.repeat}` on "
+             + (" --llama-cpp DIR" if args.llama_cpp else "") + f" --repeat {args.repeat}"
+             + (f" --only \"{args.only}\"" if args.only else "") + "` on "
              f"{time.strftime('%Y-%m-%d')}.", "", "Machine:", ""]
     lines += [f"- {m}" for m in machine_lines]
     lines += [f"- load average before the run: {load_before[0]:.1f} (shared machine: other jobs ran too; "
@@ -382,6 +396,8 @@ def write_results(args, rows, load_before, in_meta, in_hf, machine_lines=None) -
               "Wall-clock ratios from this run, then the same comparison in CPU seconds (user + system of the "
               "whole process tree), which other jobs on a shared machine disturb less.", ""]
     lines += _targets(rows, anchors)
+    if getattr(args, "flat_against", None):
+        lines += _flat(rows, args.layers, args.flat_against)
     lines += ["", "## Notes", "",
               "- Peak RSS is VmHWM of the largest process (what `/usr/bin/time` reports), mapped input pages "
               "included; \"all processes\" adds the peaks of every process in the tree (convert_legacy_llama's "
@@ -392,15 +408,15 @@ def write_results(args, rows, load_before, in_meta, in_hf, machine_lines=None) -
               "wheel has it.",
               "- Every wconv output is fsynced before it is renamed into place; cp returns with its data "
               "still in the page cache (up to the kernel's dirty limit, ~20% of RAM), so on a disk-bound "
-              "13.5 GB copy cp leaves gigabytes unwritten that wconv waits for (RESULTS-7b.md: 0.41× cp). "
+              "13.5 GB copy cp leaves gigabytes unwritten that wconv waits for (before wconv started the "
+              "writeback as it wrote, its 13.5 GB copy reached 0.41× cp). "
               "`cp + sync` is the anchor with the same guarantee. wconv starts the disk writing every 64 MB "
               "(sync_file_range), so the fsync at the end finds little left to do.",
               "- On a machine shared with other jobs, wall times of long runs (the llama.cpp converters) "
               "suffer more than short ones; the CPU-time comparison is the steadier one.",
-              f"- Not measured in this run: " + ("the 13.5 GB 32-layer checkpoint (`--layers 32`), so the "
-                                                 "\"2-layer and 32-layer peaks within 50 MB\" target is unchecked"
-                                                 if args.layers != 32 else "the 2-layer checkpoint") + " in this "
-              "run; the partial 13.5 GB run is RESULTS-7b.md.",
+              "- The other model size: " + ("the full 13.5 GB checkpoint (`--layers 32`) is in RESULTS-7b.md, "
+                                            "which also compares peak memory across the two sizes."
+                                            if args.layers != 32 else "the 2-layer checkpoint is in RESULTS.md."),
               "- k-quants (Q4_K_M, Q6_K against llama.cpp's `llama_model_quantize`): `bench/bench_kquants.py`, "
               "figures in RESULTS-kquants.md."]
     text = "\n".join(lines) + "\n"
@@ -452,13 +468,36 @@ def _targets(rows, anchors) -> list:
         if w and cp:
             ratio = w["seconds"] / cp["seconds"]
             cpu = w["cpu"] / max(cp["cpu"], 1e-9)
+            durable = _find(rows, f"cp + sync of the v0 output ({kind})")
+            against_durable = (f"; against cp + sync of it (wconv's output is fsynced) {w['seconds'] / durable['seconds']:.2f}×: "
+                               f"{verdict(w['seconds'] / durable['seconds'] <= 1.5)}" if durable else "")
             out.append(f"- {kind} pth-to-bin v0: {ratio:.2f}× the time cp takes to write a file of the output's "
-                       f"size (target ≤ 1.5): {verdict(ratio <= 1.5)}; in CPU time {cpu:.2f}×: {verdict(cpu <= 1.5)}")
+                       f"size (target ≤ 1.5): {verdict(ratio <= 1.5)}; in CPU time {cpu:.2f}×: {verdict(cpu <= 1.5)}"
+                       f"{against_durable}")
     peaks = [r for r in rows if "failed" not in r and r["label"].startswith("wconv")]
     if peaks:
         worst = max(peaks, key=lambda r: r["hwm"])
         out.append(f"- peak RSS of every wconv run ≤ 300 MB: worst {worst['hwm'] / MB:.0f} MB ({worst['label']}): "
                    f"{verdict(worst['hwm'] <= 300 * MB)}")
+    return out
+
+
+def _flat(rows, layers, other_path) -> list:
+    """Peak RSS of each wconv conversion here against the same conversion in another run."""
+    with open(other_path) as f:
+        other = json.load(f)
+    pairs = [(r, _find(other["rows"], r["label"])) for r in rows
+             if "failed" not in r and r["label"].startswith("wconv")]
+    pairs = [(r, o) for r, o in pairs if o]
+    if not pairs:
+        return []
+    worst = max(pairs, key=lambda p: abs(p[0]["hwm"] - p[1]["hwm"]))
+    diff = abs(worst[0]["hwm"] - worst[1]["hwm"])
+    out = [f"- peak RSS flat in model size ({other['layers']} layers, {os.path.basename(other_path)}, against "
+           f"{layers} layers here; target: within 50 MB): largest difference {diff / MB:.0f} MB "
+           f"({worst[0]['label']}): {'met' if diff <= 50 * MB else 'NOT met'}", "",
+           f"| conversion | peak RSS MB, {other['layers']} layers | peak RSS MB, {layers} layers |", "|---|---|---|"]
+    out += [f"| {r['label']} | {o['hwm'] / MB:.0f} | {r['hwm'] / MB:.0f} |" for r, o in pairs]
     return out
 
 
