@@ -167,9 +167,9 @@ def _stored_bytes(raw, target) -> np.ndarray:
 
 
 def _row_blocks(t, max_elements: int, row: int):
-    """(start, stop) first-axis row ranges of a computed tensor t, each whole row_groups holding a
-    whole number of `row`-element rows and, where a group allows, at most max_elements; None if t
-    cannot be read by rows."""
+    """(start, stop) first-axis row ranges of a computed tensor t: each a whole number of its
+    row groups, holding a whole number of `row`-element rows and, where one group allows, at most
+    max_elements values; None if t cannot be read by rows."""
     if t.rows_of is None or not t.shape or t.n_elements == 0:
         return None
     e = t.n_elements // t.rows  # elements per first-axis row
@@ -214,7 +214,7 @@ def _encoded_pieces(i, t, target, piece_elements: int):
         e = n // t.rows
         for a, b in blocks:
             yield _Piece(i, b >= t.rows, "encode", (lambda a=a, b=b: t.read_rows(a, b), src, target),
-                         shape_of((b - a) * e))
+                         ((b - a) * e // row, row))
         return
     span = t.file_span()
     storage = src.storage.newbyteorder("<")
