@@ -255,3 +255,27 @@ def test_computed_tensors_by_rows_equal_the_whole_tensor_path(computed_sources, 
     monkeypatch.setattr(stream, "_row_blocks", lambda t, *args: None)  # whole-tensor fallback
     _convert(computed_sources[src], tmp_path / f"whole-{name}", to, options, threads=1)
     assert _bytes(tmp_path / f"rows-{name}") == _bytes(tmp_path / f"whole-{name}")
+
+
+def test_zero_row_tensors_and_sources_that_cannot_be_read_by_rows(tmp_path, monkeypatch):
+    empty = LazyTensor("z", dtypes.F16, (0, 4), lambda: np.zeros((0, 4), np.float16))
+    jobs = [(empty, dtypes.F16), (LazyTensor.concat("c", [empty, empty], 1), dtypes.F16),
+            (empty.derive_rows(lambda a: a, 1), dtypes.F32)]
+    with open(tmp_path / "z.bin", "wb") as f:
+        assert [r.nbytes for r in stream.write_tensors(f, jobs)] == [0, 0, 0]
+    assert list(LazyTensor.concat("c", [empty, empty], 1).float32_chunks(10)) == []
+
+    # A computed tensor over a source with no file range (e.g. llama2.c's dequantised int8
+    # groups): reading it by rows would rebuild the source for every block, so it is built once.
+    loads = []
+    arr = np.arange(64 * 48, dtype=np.float32).reshape(64, 48)
+    src = LazyTensor("s", dtypes.F32, arr.shape, lambda: loads.append(1) or arr)
+    permuted = src.derive_rows(lambda a: a[::-1].copy(), 8)
+    assert not permuted.rows_piecewise()
+    monkeypatch.setattr(stream, "PIECE_ELEMENTS", 100)
+    with open(tmp_path / "p.bin", "wb") as f:
+        stream.write_tensors(f, [(permuted, dtypes.F16), (permuted, dtypes.F32)], threads=2)
+    assert len(loads) == 2  # once per job, not once per block
+    want = permuted.raw()
+    data = (tmp_path / "p.bin").read_bytes()
+    assert data == want.astype("<f2").tobytes() + want.astype("<f4").tobytes()

@@ -170,8 +170,8 @@ def _row_blocks(t, max_elements: int, row: int):
     """(start, stop) first-axis row ranges of a computed tensor t: each a whole number of its
     row groups, holding a whole number of `row`-element rows and, where one group allows, at most
     max_elements values; None if t cannot be read by rows."""
-    if t.rows_of is None or not t.shape or t.n_elements == 0:
-        return None
+    if t.rows_of is None or not t.shape or t.n_elements == 0 or not t.rows_piecewise():
+        return None  # (sources that would be loaded whole for every block: build it once instead)
     e = t.n_elements // t.rows  # elements per first-axis row
     unit = math.lcm(t.row_group, row // math.gcd(row, e)) if row else t.rows
     if unit * e > max(max_elements, GROUP_LIMIT):
@@ -181,7 +181,7 @@ def _row_blocks(t, max_elements: int, row: int):
 
 
 def _stored_slices(i, t, target):
-    e = t.n_elements // t.rows if t.shape else t.n_elements
+    e = t.n_elements // t.rows if t.rows else 0
     # pieces the size of an encoded piece's float32 (both the rows and their mapped source count)
     blocks = _row_blocks(t, max(1, 4 * PIECE_ELEMENTS // max(1, target.nbytes(e)) * e), 1)
     if blocks is not None:

@@ -44,6 +44,7 @@ class LazyTensor:
     # [start, stop) (see read_rows); start and stop are multiples of row_group.
     rows_of: Callable | None = field(default=None, repr=False, compare=False)
     row_group: int = 1
+    row_sources: tuple = field(default=(), repr=False, compare=False)  # the tensors rows_of reads
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -80,8 +81,11 @@ class LazyTensor:
         return self.nbytes // self.rows if self.rows else 0
 
     def rows_piecewise(self) -> bool:
-        """True if read_rows reads only the rows asked for (not the whole tensor first)."""
-        return self.rows_of is not None or self.file_span() is not None
+        """True if read_rows reads only the rows asked for (not the whole tensor first): a file
+        range, or rows computed from sources that are read by rows themselves."""
+        if self.rows_of is not None:
+            return all(s.rows_piecewise() for s in self.row_sources)
+        return self.file_span() is not None
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Raw rows [start, stop) of the first axis: shape (stop - start, *shape[1:]) in the
@@ -117,7 +121,8 @@ class LazyTensor:
         of `multiple_of` (e.g. a quantisation group) and of the dtype's block.
         """
         step = max(1, max_elements // (multiple_of * self.dtype.block)) * multiple_of * self.dtype.block
-        if self.rows_of is not None and not self.dtype.quantized and len(self.shape) >= 2:
+        if self.rows_of is not None and not self.dtype.quantized and len(self.shape) >= 2 and self.rows \
+                and self.rows_piecewise():
             # A computed tensor: whole groups of rows at a time, each piece a multiple of step's unit.
             row = self.n_elements // self.rows
             unit = multiple_of * self.dtype.block
@@ -174,11 +179,12 @@ class LazyTensor:
             return fn(np.ascontiguousarray(src.raw(), dtype=np.uint8).reshape(-1)).reshape(-1)
 
         return LazyTensor(self.name, self.dtype, self.shape, load, self.source,
-                          rows_of=lambda a, b: fn(src.read_rows(a, b)), row_group=math.lcm(group, self.row_group))
+                          rows_of=lambda a, b: fn(src.read_rows(a, b)), row_group=math.lcm(group, self.row_group),
+                          row_sources=(src,))
 
     def renamed(self, name: str) -> "LazyTensor":
         return LazyTensor(name, self.dtype, self.shape, self.loader, self.source, self.storage_key, self.span,
-                          self.rows_of, self.row_group)
+                          self.rows_of, self.row_group, self.row_sources)
 
     @staticmethod
     def from_array(name: str, arr: np.ndarray, dtype: DType | None = None, source="memory") -> "LazyTensor":
@@ -216,7 +222,7 @@ class LazyTensor:
                     return np.concatenate([p.read_rows(a, b) for p in parts], axis=axis)
 
         return LazyTensor(name, dt, tuple(shape), load, "+".join(p.source for p in parts),
-                          rows_of=rows_of, row_group=group if rows_of else 1)
+                          rows_of=rows_of, row_group=group if rows_of else 1, row_sources=tuple(parts))
 
 
 _NUMPY_TO_DTYPE = {
