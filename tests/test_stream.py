@@ -238,21 +238,21 @@ def computed_sources(bf16_source, tmp_path_factory):
 def test_computed_tensors_by_rows_equal_the_whole_tensor_path(computed_sources, src, name, to, options,
                                                               tmp_path, monkeypatch):
     calls = []
-    real = stream._row_blocks
+    real = LazyTensor.row_blocks
 
-    def counting(t, *args):
-        blocks = real(t, *args)
+    def counting(t, *args, **kw):
+        blocks = real(t, *args, **kw)
         calls.append((t.name, blocks))
         return blocks
 
     monkeypatch.setattr(stream, "PIECE_ELEMENTS", 100)  # many pieces per tensor
-    monkeypatch.setattr(stream, "_row_blocks", counting)
+    monkeypatch.setattr(LazyTensor, "row_blocks", counting)
     _convert(computed_sources[src], tmp_path / f"rows-{name}", to, options, threads=2)
     by_rows = [n for n, blocks in calls if blocks is not None and len(blocks) > 1]
     assert any("attn_q" in n for n in by_rows) and any("attn_k" in n for n in by_rows), calls
     if src == "meta-2shard":
         assert any("attn_output" in n for n in by_rows)  # merged along its columns
-    monkeypatch.setattr(stream, "_row_blocks", lambda t, *args: None)  # whole-tensor fallback
+    monkeypatch.setattr(LazyTensor, "row_blocks", lambda t, *args, **kw: None)  # whole-tensor fallback
     _convert(computed_sources[src], tmp_path / f"whole-{name}", to, options, threads=1)
     assert _bytes(tmp_path / f"rows-{name}") == _bytes(tmp_path / f"whole-{name}")
 

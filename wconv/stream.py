@@ -166,24 +166,10 @@ def _stored_bytes(raw, target) -> np.ndarray:
     return raw.astype(target.storage.newbyteorder("<"), copy=False).reshape(-1).view(np.uint8)
 
 
-def _row_blocks(t, max_elements: int, row: int):
-    """(start, stop) first-axis row ranges of a computed tensor t: each a whole number of its
-    row groups, holding a whole number of `row`-element rows and, where one group allows, at most
-    max_elements values; None if t cannot be read by rows."""
-    if t.rows_of is None or not t.shape or t.n_elements == 0 or not t.rows_piecewise():
-        return None  # (sources that would be loaded whole for every block: build it once instead)
-    e = t.n_elements // t.rows  # elements per first-axis row
-    unit = math.lcm(t.row_group, row // math.gcd(row, e)) if row else t.rows
-    if unit * e > max(max_elements, GROUP_LIMIT):
-        return None  # a single group is too large: the rare whole-tensor fallback
-    per = max(unit, max_elements // e // unit * unit)
-    return [(a, min(t.rows, a + per)) for a in range(0, t.rows, per)]
-
-
 def _stored_slices(i, t, target):
     e = t.n_elements // t.rows if t.rows else 0
     # pieces the size of an encoded piece's float32 (both the rows and their mapped source count)
-    blocks = _row_blocks(t, max(1, 4 * PIECE_ELEMENTS // max(1, target.nbytes(e)) * e), 1)
+    blocks = t.row_blocks(max(1, 4 * PIECE_ELEMENTS // max(1, target.nbytes(e)) * e), limit=GROUP_LIMIT)
     if blocks is not None:
         for a, b in blocks:
             yield _Piece(i, b >= t.rows, "encode", (lambda a=a, b=b: t.read_rows(a, b), target, target))
@@ -209,14 +195,14 @@ def _encoded_pieces(i, t, target, piece_elements: int):
     else:  # one row is larger than a piece: split it at block boundaries of both types
         unit = math.lcm(src.block, target.block)
         step, shape_of = max(unit, piece_elements // unit * unit), (lambda k: (1, k))
-    blocks = _row_blocks(t, piece_elements, row) if t.file_span() is None else None
+    span = t.file_span()
+    blocks = t.row_blocks(piece_elements, row, limit=GROUP_LIMIT) if span is None else None
     if blocks is not None:  # a computed tensor: each piece from just the source rows it needs
         e = n // t.rows
         for a, b in blocks:
             yield _Piece(i, b >= t.rows, "encode", (lambda a=a, b=b: t.read_rows(a, b), src, target),
                          ((b - a) * e // row, row))
         return
-    span = t.file_span()
     storage = src.storage.newbyteorder("<")
     whole = None
     if span is None:

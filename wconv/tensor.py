@@ -87,6 +87,21 @@ class LazyTensor:
             return all(s.rows_piecewise() for s in self.row_sources)
         return self.file_span() is not None
 
+    def row_blocks(self, max_elements: int, multiple: int = 1, limit: int = 0) -> list | None:
+        """(start, stop) first-axis row ranges to read this computed tensor by: each a whole
+        number of row groups, a multiple of `multiple` values and, where one such unit allows, at
+        most max_elements values. None if the tensor is not computed by rows from sources read by
+        rows (read_rows would load them whole for every block), is empty, or one unit exceeds
+        max(max_elements, limit) values."""
+        if self.rows_of is None or not self.shape or self.n_elements == 0 or not self.rows_piecewise():
+            return None
+        e = self.n_elements // self.rows  # values per first-axis row
+        unit = math.lcm(self.row_group, multiple // math.gcd(multiple, e))  # rows
+        if unit * e > max(max_elements, limit):
+            return None
+        per = max(unit, max_elements // e // unit * unit)
+        return [(a, min(self.rows, a + per)) for a in range(0, self.rows, per)]
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Raw rows [start, stop) of the first axis: shape (stop - start, *shape[1:]) in the
         storage dtype, or for quantised types the rows' flat uint8 blocks. start and stop are
@@ -121,18 +136,16 @@ class LazyTensor:
         of `multiple_of` (e.g. a quantisation group) and of the dtype's block.
         """
         step = max(1, max_elements // (multiple_of * self.dtype.block)) * multiple_of * self.dtype.block
-        if self.rows_of is not None and not self.dtype.quantized and len(self.shape) >= 2 and self.rows \
-                and self.rows_piecewise():
-            # A computed tensor: whole groups of rows at a time, each piece a multiple of step's unit.
-            row = self.n_elements // self.rows
-            unit = multiple_of * self.dtype.block
-            per = math.lcm(self.row_group, unit // math.gcd(unit, row)) if row else self.rows
-            if row and per * row <= max(max_elements, row * self.row_group):
-                per = max(per, max_elements // row // per * per)
-                for a in range(0, self.rows, per):
-                    block = self.read_rows(a, min(self.rows, a + per))
-                    yield to_float32(np.ascontiguousarray(block).reshape(-1), self.dtype, (block.size,))
-                return
+        blocks = None
+        if not self.dtype.quantized and len(self.shape) >= 2 and self.rows:
+            # a computed tensor: whole row groups at a time (one group even if above max_elements)
+            blocks = self.row_blocks(max_elements, multiple_of * self.dtype.block,
+                                     limit=self.row_group * (self.n_elements // self.rows))
+        if blocks is not None:
+            for a, b in blocks:
+                block = self.read_rows(a, b)
+                yield to_float32(np.ascontiguousarray(block).reshape(-1), self.dtype, (block.size,))
+            return
         raw = self.raw()
         if self.dtype.quantized:
             flat = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
