@@ -4,8 +4,8 @@ Each follows ggml's reference C (`quantize_row_*_ref` in ggml-quants.c) step by 
 float32, including what it does with zeros, NaN and infinities, and works on cache-sized
 sub-pieces of blocks. gguf-py has the same algorithms, but differs from ggml on blocks
 holding NaN, infinities or only -0.0, and its Q8_0 makes a dozen passes over the data
-(28 M values/s here, this one ~570 M for Q8_0 and 250-350 M for the others, per core). tests/test_codecs.py compares the bytes with
-ggml's own `ggml_quantize_chunk` and with gguf-py.
+(28 M values/s here; these ~570 M for Q8_0, 250-350 M for the others, per core).
+tests/test_codecs.py compares the bytes with ggml's own `ggml_quantize_chunk` and with gguf-py.
 
 The C details reproduced:
 - Q8_0: amax = MAX(amax, fabsf(v)) from +0, where MAX(a, b) is `a > b ? a : b`, so a NaN
