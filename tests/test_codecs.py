@@ -102,6 +102,11 @@ def test_converter_tables_equal_the_float32_round_trip_for_every_pattern():
         via = codecs.get(dst).encode(codecs.get(src).decode(patterns).reshape(1, -1))
         got = codecs.converter(src, dst)(patterns, (1, patterns.size))
         assert got.view(np.uint8).tobytes() == via.view(np.uint8).tobytes(), (src, dst)
+    # BF16 -> F16 computes most values instead of looking them up (codecs._bf16_to_f16), in
+    # steps: every pattern again, shuffled across several steps
+    patterns = np.random.default_rng(5).permutation(np.tile(np.arange(1 << 16, dtype="<u2"), 9))
+    got = codecs.converter(dtypes.BF16, dtypes.F16)(patterns.view(dtypes.BF16.storage), (1, patterns.size))
+    assert got.view("<u2").tobytes() == codecs._luts[("BF16", "F16")].view("<u2")[patterns].tobytes()
     # and through gguf-py's BF16 rounding, for every F16 value
     f16 = np.arange(1 << 16, dtype="<u2").view(np.float16)
     want = quantize(f16.astype(np.float32).reshape(1, -1), GGMLQuantizationType.BF16)
