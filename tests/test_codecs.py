@@ -153,7 +153,7 @@ def _ggml_quantize_chunk():
 
 def _hard_blocks(rng) -> np.ndarray:
     """Blocks of 32 where ggml's C and a straightforward numpy port can part ways."""
-    e = np.zeros((24, 32), np.float32)
+    e = np.zeros((32, 32), np.float32)
     e[1, :] = -0.0
     e[2] = np.arange(32) - 15.5
     e[3, 0], e[3, 1:] = 127, np.arange(31) + 0.5
@@ -169,7 +169,21 @@ def _hard_blocks(rng) -> np.ndarray:
     e[11, ::2], e[11, 1::2] = 1.0, -1.0
     e[12] = np.nextafter(np.float32(0.5), 0) * np.arange(32)
     e[13] = np.nan
-    e[14:] = np.round(rng.standard_normal((10, 32)) * 10) / 2
+    e[14:24] = np.round(rng.standard_normal((10, 32)) * 10) / 2
+    # signalling NaNs (0x7F81 is a BF16 NaN, decoded bit for bit), which numpy's fmin/fmax do
+    # not skip, and NaN payloads, which GGML_FP32_TO_FP16 drops
+    snan, neg_snan = np.uint32(0x7F810000).view(np.float32), np.uint32(0xFF800001).view(np.float32)
+    e[24, 0], e[24, 17] = 3.0, snan
+    e[25, 31], e[25, 3] = snan, 3.0
+    e[26, 27], e[26, 28] = -np.inf, neg_snan
+    e[27] = rng.standard_normal(32)
+    e[27, 5] = neg_snan
+    e[28] = np.linspace(-2, 1, 32)
+    e[28, 0], e[28, 31] = snan, neg_snan
+    e[29, :16] = snan
+    e[30] = np.uint32(0x7FC12345).view(np.float32)  # a quiet NaN with a payload everywhere
+    e[31, 31] = np.uint32(0xFFC12345).view(np.float32)
+    e[31, 0] = 1.0
     return e
 
 
@@ -180,12 +194,36 @@ def test_encoders_are_bit_exact_with_ggml(name):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((256, 1024)).astype(np.float32)
     assert codecs.get(name).encode(x).tobytes() == ggml(x, name).tobytes()
-    hard = _hard_blocks(rng).reshape(3, 256)
+    hard = _hard_blocks(rng).reshape(-1, 256)
     with np.errstate(all="ignore"):
         got = codecs.get(name).encode(hard).reshape(-1, codecs.get(name).dtype.block_bytes)
     want = ggml(hard, name).reshape(got.shape)
     bad = [i for i in range(len(got)) if got[i].tobytes() != want[i].tobytes()]
     assert not bad, f"{name}: blocks {bad} differ from ggml"
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("name", LEGACY)
+def test_signalling_nans_are_skipped_as_ggml_skips_them(name):
+    """numpy's fmin/fmax skip only quiet NaNs, and whether a signalling one propagates depends
+    on the reduction's vector path, hence on a piece's block count: small pieces, every place."""
+    ggml = _ggml_quantize_chunk()
+    rng = np.random.default_rng(7)
+    snan = np.uint32(0x7F810000).view(np.float32)  # the BF16 NaN 0x7F81, decoded bit for bit
+    bad = []
+    for i in range(32):
+        for j in (0, 5, 17, 31):
+            if i == j:
+                continue
+            x = np.zeros((8, 32), np.float32)
+            x[3, i], x[3, j] = 3.0, snan
+            x[5] = rng.standard_normal(32)
+            x[5, j] = -snan
+            x = x.reshape(1, -1)
+            with np.errstate(all="ignore"):
+                if codecs.get(name).encode(x).tobytes() != ggml(x, name).tobytes():
+                    bad.append((i, j))
+    assert not bad, f"{name}: (value, NaN) places {bad} differ from ggml"
 
 
 def test_plugins_load_once_for_concurrent_first_users(monkeypatch):

@@ -279,3 +279,21 @@ def test_zero_row_tensors_and_sources_that_cannot_be_read_by_rows(tmp_path, monk
     want = permuted.raw()
     data = (tmp_path / "p.bin").read_bytes()
     assert data == want.astype("<f2").tobytes() + want.astype("<f4").tobytes()
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "1000000"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
+def test_malloc_thresholds_set_by_the_user_stand(monkeypatch, env):
+    import ctypes
+
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: calls.append(a))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(stream, "_malloc_tuned", False)
+    stream.keep_freed_memory()
+    assert calls == []
+    monkeypatch.delenv(next(iter(env)))
+    monkeypatch.setattr(stream, "_malloc_tuned", False)
+    stream.keep_freed_memory()  # (the stand-in has no mallopt: taken as "not glibc")
+    assert len(calls) == 1

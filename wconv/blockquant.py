@@ -48,7 +48,13 @@ def quantize(rows: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:
-    return v.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    """GGML_FP32_TO_FP16: round to nearest even, but any NaN becomes the quiet NaN 0x7E00 with
+    its sign (numpy's cast keeps the payload's top bits)."""
+    bits = v.astype(np.float16).view(np.uint16)
+    nan = np.isnan(v)
+    if nan.any():
+        bits[nan] = (bits[nan] & np.uint16(0x8000)) | np.uint16(0x7E00)
+    return bits.view(np.uint8).reshape(-1, 2)
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -117,7 +123,8 @@ def _signed_max(xb, h, v):
     values = _columns(xb, h)
     mag = v.reshape(BLOCK, -1)
     np.abs(values, out=mag)
-    amax = np.fmax(np.fmax.reduce(mag, axis=0), np.float32(0))  # fmax skips NaN
+    mag[np.isnan(mag)] = 0  # (not fmax: it skips quiet NaNs only, and a block may hold a signalling one)
+    amax = mag.max(axis=0)
     mx = np.zeros(amax.shape, np.float32)
     for j in range(BLOCK - 1, -1, -1):
         np.copyto(mx, values[j], where=mag[j] == amax)
@@ -130,8 +137,13 @@ def _min_max(xb, h):
     keeps the first of equal values, which only shows for zeros: a block's min or max of
     zero takes the sign of its first zero (fmin/fmax may return either)."""
     columns = _columns(xb, h)
-    lo = np.fmin(_FLT_MAX, np.fmin.reduce(columns, axis=0))
-    hi = np.fmax(-_FLT_MAX, np.fmax.reduce(columns, axis=0))
+    nan = np.isnan(columns)
+    if nan.any():  # skipped by C's comparisons (fmin/fmax skip quiet NaNs only)
+        lo = np.where(nan, _FLT_MAX, columns).min(axis=0)
+        hi = np.where(nan, -_FLT_MAX, columns).max(axis=0)
+    else:
+        lo, hi = columns.min(axis=0), columns.max(axis=0)
+    lo, hi = np.minimum(lo, _FLT_MAX), np.maximum(hi, -_FLT_MAX)
     zero = np.flatnonzero((lo == 0) | (hi == 0))
     if zero.size:
         blocks = xb[zero]
