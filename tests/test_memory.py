@@ -433,7 +433,7 @@ t = safetensors_io.read(path)[0]["w"]  # mapped a piece at a time, as real input
 with open(sys.argv[2], "wb") as f:
     stream.write_tensors(f, [(t, dtypes.F16)], threads=2)  # warm up: pool, tables, first buffers
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    stream.write_tensors(f, [(t, dtypes.F16), (t, dtypes.Q8_0)] * 4, threads=2)
+    stream.write_tensors(f, [(t, dtypes.F16), (t, dtypes.Q8_0)] * 10, threads=2)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
