@@ -218,7 +218,8 @@ def machine() -> list:
 
 
 def _cases(args, meta, pth, hf, hf_files, out) -> list:
-    """(label, group, command, output, input bytes[, env]) of every measurement, in run order."""
+    """(label, group, command, output, input bytes or the earlier output it reads[, env]) of every
+    measurement, in run order."""
     in_meta, in_hf = os.path.getsize(pth), (_size(hf) if hf_files else 0)
     cases = []
     for kind, src, size, cp_src in (("Meta", meta, in_meta, [pth]), ("HF", hf, in_hf, hf_files)):
@@ -248,12 +249,12 @@ def _cases(args, meta, pth, hf, hf_files, out) -> list:
                           [*WCONV, "convert", src, out("w-hf"), "--to", "hf", "--quiet"], out("w-hf"), size))
             cases.append(("wconv GGUF q8_0 -> GGUF (same type)", kind,
                           [*WCONV, "convert", out("w-q8_0.gguf"), out("w-q8_0-copy.gguf"), "--quiet"],
-                          out("w-q8_0-copy.gguf"), None))
+                          out("w-q8_0-copy.gguf"), out("w-q8_0.gguf")))
             cases.append(("cp GGUF q8_0", kind, ["cp", out("w-q8_0.gguf"), out("cp-q8.gguf")],
-                          out("cp-q8.gguf"), None))
+                          out("cp-q8.gguf"), out("w-q8_0.gguf")))
             cases.append(("cp + sync GGUF q8_0", kind,
                           ["sh", "-c", 'cp "$0" "$1" && sync "$1"', out("w-q8_0.gguf"), out("cp-q8.gguf")],
-                          out("cp-q8.gguf"), None))
+                          out("cp-q8.gguf"), out("w-q8_0.gguf")))
             try:
                 import torch  # noqa: F401
 
@@ -280,15 +281,10 @@ def _cases(args, meta, pth, hf, hf_files, out) -> list:
 
 def _page_reporting_note() -> list:
     """A virtual machine that hands freed memory back to its host makes first touches slow."""
-    try:
-        with open("/proc/cmdline") as f:
-            cmdline = f.read()
-    except OSError:
+    if not (os.path.isdir("/sys/module/page_reporting") and os.path.isdir("/sys/bus/virtio/drivers/virtio_balloon")):
         return []
-    if "page_reporting" not in cmdline and not os.path.isdir("/sys/bus/virtio/drivers/virtio_balloon"):
-        return []
-    return ["- This is a virtual machine with free page reporting (virtio-balloon; the kernel command line "
-            "sets page_reporting_order): memory the guest frees, such as the page cache of an output "
+    return ["- This is a virtual machine with free page reporting (the kernel's page_reporting with "
+            "virtio-balloon): memory the guest frees, such as the page cache of an output "
             "deleted before the next run, goes back to the host, and touching it again costs a host "
             "page fault, counted as the guest's system time (4 GB written by one process took 11.6 s "
             "of system time just after 13 GB were freed, 2.4 s on the next run). It is the likeliest "
@@ -349,11 +345,10 @@ def main():
     for i, case in enumerate(cases):
         label, group, cmd, dst, size = case[:5]
         env = case[5] if len(case) > 5 else None
-        if size is None:  # input is an earlier output
-            src_file = cmd[-3] if label.startswith("wconv") else cmd[3] if cmd[0] == "sh" else cmd[1]
-            if not os.path.exists(src_file):
+        if isinstance(size, str):  # the input is an earlier case's output, named here
+            if not os.path.exists(size):
                 continue
-            size = os.path.getsize(src_file)
+            size = os.path.getsize(size)
         b.run(label, group, cmd, dst, input_bytes=size, env=env)
         if dst and not any(dst in later[2] and later[3] != dst for later in cases[i + 1:]):
             _remove(dst)  # outputs go as soon as no later case reads them (disk or tmpfs: 7B outputs are big)
