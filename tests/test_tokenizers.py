@@ -7,12 +7,14 @@ freshly trained models (when it is installed).
 from __future__ import annotations
 
 import io
+import os
+import random
 import struct
 
 import pytest
 from click.testing import CliRunner
 
-from conftest import realdata_path
+from conftest import REALDATA, realdata_path
 from wconv.cli import main as cli
 from wconv.convert.load import load_tokenizer
 from wconv.errors import FormatError, UnsupportedError
@@ -155,6 +157,71 @@ def test_tokenizer_bin_from_trained_model_matches_llama2c_rules(tmp_path):
     expected = struct.pack("<I", max(len(b) for _, b in pieces))
     expected += b"".join(struct.pack("<fI", s, len(b)) + b for s, b in pieces)
     assert (tmp_path / "t.bin").read_bytes() == expected
+
+
+# ------------------------------------------------- the inline piece reader
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([(n & 0x7F) | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def _odd_layouts() -> bytes:
+    """A ModelProto whose pieces take each branch of the inline reader and of the general one."""
+    def piece(body):
+        return b"\x0a" + _varint(len(body)) + body
+    text = lambda t: b"\x0a" + _varint(len(t)) + t  # noqa: E731
+    score = b"\x15" + struct.pack("<f", -1.5)
+    return b"".join([
+        piece(text(b"<unk>") + score + b"\x18\x02"),          # sentencepiece's layout, typed
+        piece(text(b"plain") + score),                        # untyped: NORMAL
+        piece(text(b"x" * 130) + score),                      # text length is a 2-byte varint
+        piece(text(b"y" * 200) + score + b"\x18\x06"),        # piece length is a 2-byte varint too
+        piece(score + text(b"swapped")),                      # fields out of order
+        piece(text(b"typed-late") + b"\x18\x03" + score),      # type before score
+        piece(text(b"big-type") + score + b"\x18\x81\x00"),   # non-canonical type varint
+        b"\x0a" + bytes([0x80 | 15, 0]) + text(b"long-len") + score,  # non-canonical piece length
+        b"\x12\x04\x18\x02\x20\x07",                          # trainer_spec between pieces
+        piece(text(b"after") + score + b"\x18\x01"),
+        piece(text(b"") + score),                             # empty text (7 bytes: the minimum)
+        piece(text(b"\x0a\x05" + b"z" * 1273) + score),         # length 0x83 0x0A: its 2nd byte a text tag
+    ])
+
+
+def _outcome(buf, fast):
+    try:
+        m = sentencepiece.parse_model_proto(buf, fast=fast)
+    except sentencepiece._Malformed as e:
+        return "error", str(e)
+    return m
+
+
+def test_inline_piece_reader_agrees_with_the_field_parser():
+    """The inline reader (fast=True) gives what the general protobuf parser gives, on sentencepiece's
+    own layout, on every other layout it hands back, and on thousands of corrupted files: the same
+    pieces, or the same error."""
+    seeds = [_odd_layouts()]
+    path = os.path.join(REALDATA, "llama2c", "tokenizer.model")  # (optional: the odd layouts always run)
+    if os.path.exists(path):
+        seeds.append(_bytes(path))
+    good = _outcome(seeds[0], True)
+    assert [t for t in good.pieces[:3]] == [b"<unk>", b"plain", b"x" * 130]
+    assert good.types[:4] == [2, 1, 1, 6] and good.types[5] == 3 and len(good.pieces) == 11
+    assert good.model_type == "bpe"
+    rng = random.Random(9)
+    for seed in seeds:
+        assert _outcome(seed, True) == _outcome(seed, False)
+        head = seed[:4000]  # corruptions near the start: the parse fails or ends there, quickly
+        for _ in range(1500):
+            buf = bytearray(head)
+            for _ in range(rng.randint(1, 3)):
+                buf[rng.randrange(len(buf))] = rng.choice((0x0A, 0x15, 0x18, 0x80, 0x00, 0x07, rng.randrange(256)))
+            buf = bytes(buf[:rng.randrange(len(buf) // 2, len(buf) + 1)])
+            assert _outcome(buf, True) == _outcome(buf, False), buf
 
 
 # ----------------------------------------------------------------- bad inputs

@@ -18,7 +18,7 @@ from vocabcases import TOKENIZER_FIXTURES, reference_encoder, tiny_model, vocab_
 from wconv.cli import main as cli
 from wconv.errors import UnsupportedError, WconvError
 from wconv.formats import gguf_io, hf_tokenizer, safetensors_io
-from wconv.vocab import load_tokenizer, sniff
+from wconv.vocab import find_tokenizer_beside, load_tokenizer, sniff
 
 LLAMA3 = os.path.join(TOKENIZER_FIXTURES, "llama3-bpe", "tokenizer.json")
 QWEN2 = os.path.join(TOKENIZER_FIXTURES, "qwen2-bpe", "tokenizer.json")
@@ -424,3 +424,35 @@ def test_merges_rebuilt_from_ranks_equal_openai_vocab_bpe():
     ranks = [byte_level.decode(t) for t, i in sorted(vocab.items(), key=lambda x: x[1]) if t != "<|endoftext|>"]
     rebuilt = [f"{byte_level.encode(a)} {byte_level.encode(b)}" for a, b in tiktoken_bpe.merges_from_ranks(ranks)]
     assert rebuilt == gpt2_vocab.read_merges(realdata_path("tokenizers", "gpt2-openai", "vocab.bpe"))
+
+
+def test_a_directory_load_parses_each_json_side_file_once_and_sees_changed_files(tmp_path, monkeypatch):
+    """Sniffing a directory's files (for its tokenizer, then for its config files) parses a large
+    tokenizer.json once per file version; a file changed in place is looked at afresh."""
+    d = tmp_path / "tok"
+    shutil.copytree(os.path.dirname(LLAMA3), d)
+    parsed = []
+    real_read_json = hf_tokenizer.read_json
+    monkeypatch.setattr(hf_tokenizer, "read_json", lambda p, *a, **k: parsed.append(os.path.basename(p))
+                        or real_read_json(p, *a, **k))
+    tok = find_tokenizer_beside(str(d / "model.gguf"))
+    assert tok is not None and tok.model == "gpt2" and tok.eos_id is not None
+    sniffs = parsed.count("tokenizer.json")
+    find_tokenizer_beside(str(d / "model.gguf"))
+    assert parsed.count("tokenizer.json") - sniffs <= 1  # the load itself reads it again; no sniff does
+    (d / "tokenizer.json").write_text(json.dumps({"bos_token": "<s>", "model_max_length": 8}))
+    assert sniff(d / "tokenizer.json") == "hf-tokenizer-config"
+
+
+def test_special_token_ids_are_found_as_by_decoding_every_token():
+    """hf_tokenizer.token_ids looks up only the texts asked for, by their UTF-8 bytes; it gives the
+    ids a decoded {text: first id} table of the whole vocabulary gives, invalid UTF-8 included."""
+    from wconv.model import Tokenizer
+
+    tokens = [b"<s>", b"a", b"\xff", b"</s>", b"<s>", "é".encode(), b"\xe9", b"\xef\xbf\xbd"]
+    tok = Tokenizer(model="llama", tokens=tokens)
+    table = {}
+    for i, t in enumerate(tokens):
+        table.setdefault(t.decode("utf-8", "replace"), i)
+    for texts in (["<s>", "</s>"], ["é", "missing"], ["\ufffd"], ["\ufffd", "a", "<s>"], []):
+        assert hf_tokenizer.token_ids(tok, texts) == {t: table[t] for t in texts if t in table}

@@ -9,6 +9,8 @@ A file of any other kind given as a tokenizer is refused saying what it is.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import os
 import struct
@@ -39,10 +41,19 @@ def _head(path, n=SNIFF_BYTES) -> bytes:
 
 
 def _json_kind(path) -> str:
+    st = os.stat(path)
+    if st.st_size > MAX_SIDE_FILE:
+        return "json"
+    return _json_kind_of(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _json_kind_of(path, size, mtime_ns, inode) -> str:
+    # Kept per file version (the stat fields are the key): one load sniffs a directory's files
+    # more than once (tokenizer, then its config files), and a 1.5 MB tokenizer.json takes 50-80 ms
+    # to parse each time.
     from .formats import gpt2_vocab, hf_tokenizer
 
-    if os.path.getsize(path) > MAX_SIDE_FILE:
-        return "json"
     try:
         obj = hf_tokenizer.read_json(path, "JSON file")
     except WconvError:
@@ -315,8 +326,8 @@ def summary(tok: Tokenizer | None) -> dict | None:
 
     counts = {}
     names = {1: "normal", 2: "unknown", 3: "control", 4: "user_defined", 5: "unused", 6: "byte"}
-    for t in types:
-        counts[names.get(t, str(t))] = counts.get(names.get(t, str(t)), 0) + 1
+    for t, n in collections.Counter(types).items():  # (first-seen order, as a loop would give)
+        counts[names.get(t, str(t))] = counts.get(names.get(t, str(t)), 0) + n
     control = [i for i, t in enumerate(types) if t == 3]
     normal = [i for i, t in enumerate(types) if t == 1][:8] if types else list(range(min(8, len(tok.tokens))))
     return {

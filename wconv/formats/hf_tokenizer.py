@@ -210,10 +210,23 @@ def _scores_from_merges(texts, types, merges, ids) -> list:
     return scores
 
 
-def token_ids(tok: Tokenizer) -> dict:
+def token_ids(tok: Tokenizer, texts) -> dict:
+    """text -> the first id whose token reads as that text (invalid UTF-8 replaced), for `texts`."""
+    texts = set(texts)
+    if any("\ufffd" in t for t in texts):  # could match a token's replaced bytes: decode them all
+        out = {}
+        for i, t in enumerate(tok.tokens):
+            out.setdefault(bytes(t).decode("utf-8", "replace"), i)
+        return {t: out[t] for t in texts if t in out}
+    # Otherwise a text matches exactly the token of its UTF-8 bytes: no decoding of the vocabulary.
+    wanted = {t.encode("utf-8"): t for t in texts}
     out = {}
     for i, t in enumerate(tok.tokens):
-        out.setdefault(bytes(t).decode("utf-8", "replace"), i)
+        text = wanted.get(bytes(t))
+        if text is not None and text not in out:
+            out[text] = i
+            if len(out) == len(wanted):
+                break
     return out
 
 
@@ -227,9 +240,10 @@ def apply_config(tok: Tokenizer, config: dict, path, *, added_tokens_decoder: bo
     path = os.fspath(path)
     if added_tokens_decoder and isinstance(config.get("added_tokens_decoder"), dict):
         _apply_added_tokens(tok, config["added_tokens_decoder"], path)
-    ids = token_ids(tok)
+    texts = {role: _token_text(config.get(f"{role}_token")) for role in SPECIAL_ROLES}
+    ids = token_ids(tok, [t for t in texts.values() if t is not None])
     for role in SPECIAL_ROLES:
-        text = _token_text(config.get(f"{role}_token"))
+        text = texts[role]
         if text is not None and text in ids:
             setattr(tok, f"{role}_id", ids[text])
     for role in ("bos", "eos"):

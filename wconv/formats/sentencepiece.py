@@ -167,27 +167,67 @@ def _normalizer_spec(buf, start, end, out: SentencePieceModel):
             out.add_dummy_prefix = bool(value)
 
 
+def _piece_run(buf, pos: int, end: int, out: SentencePieceModel) -> int:
+    """Read consecutive top-level pieces written in sentencepiece's own layout (field 1, a one-byte
+    length; inside: text with a one-byte length, score, optional one-byte type), inline; return
+    where the general parser takes over. A vocabulary is 32k-256k pieces and this loop is most of
+    a tokenizer's load time: ~3x faster than a _field + _piece call per piece."""
+    pieces, scores, types = out.pieces, out.scores, out.types
+    unpack = _SCORE.unpack_from
+    while pos + 9 <= end and buf[pos] == 0x0A:
+        n = buf[pos + 1]
+        start = pos + 2
+        stop = start + n
+        if n < 7 or n >= 0x80 or stop > end or buf[start] != 0x0A:
+            break
+        p = start + 2 + buf[start + 1]  # (a text length >= 0x80 puts p past stop: rejected below)
+        if p + 5 > stop or buf[p] != 0x15:
+            break
+        if p + 5 == stop:
+            kind = NORMAL
+        elif p + 7 == stop and buf[p + 5] == 0x18 and buf[p + 6] in _TYPES:
+            kind = buf[p + 6]
+        else:
+            break
+        pieces.append(bytes(buf[start + 2:p]))
+        scores.append(unpack(buf, p + 1)[0])
+        types.append(kind)
+        pos = stop
+    return pos
+
+
+def parse_model_proto(buf, *, fast: bool = True) -> SentencePieceModel:
+    """A ModelProto's fields from its bytes; raises _Malformed. `fast=False` reads every piece
+    through the general field parser (the reference the fast path is tested against)."""
+    out = SentencePieceModel()
+    pos, end = 0, len(buf)
+    while pos < end:
+        if fast:
+            pos = _piece_run(buf, pos, end, out)
+            if pos >= end:
+                break
+        number, wire, value, pos = _field(buf, pos, end)
+        if number == 1:
+            _expect(wire, 2, "pieces")
+            text, score, kind = _piece(buf, *value)
+            out.pieces.append(text)
+            out.scores.append(score)
+            out.types.append(kind)
+        elif number == 2:
+            _expect(wire, 2, "trainer_spec")
+            _trainer_spec(buf, *value, out)
+        elif number == 3:
+            _expect(wire, 2, "normalizer_spec")
+            _normalizer_spec(buf, *value, out)
+    return out
+
+
 def read_model_proto(path) -> SentencePieceModel:
     """All the fields wconv uses from a tokenizer.model."""
     path = os.fspath(path)
     buf = read_whole(path, max_bytes=MAX_TOKENIZER_FILE, what="sentencepiece model")
-    out = SentencePieceModel()
     try:
-        pos, end = 0, len(buf)
-        while pos < end:
-            number, wire, value, pos = _field(buf, pos, end)
-            if number == 1:
-                _expect(wire, 2, "pieces")
-                text, score, kind = _piece(buf, *value)
-                out.pieces.append(text)
-                out.scores.append(score)
-                out.types.append(kind)
-            elif number == 2:
-                _expect(wire, 2, "trainer_spec")
-                _trainer_spec(buf, *value, out)
-            elif number == 3:
-                _expect(wire, 2, "normalizer_spec")
-                _normalizer_spec(buf, *value, out)
+        out = parse_model_proto(buf)
     except _Malformed as e:
         raise FormatError(path, f"not a valid sentencepiece model: {e}") from None
     if not out.pieces:
