@@ -205,9 +205,10 @@ def test_inline_piece_reader_agrees_with_the_field_parser():
     own layout, on every other layout it hands back, and on thousands of corrupted files: the same
     pieces, or the same error."""
     seeds = [_odd_layouts()]
-    path = os.path.join(REALDATA, "llama2c", "tokenizer.model")  # (optional: the odd layouts always run)
-    if os.path.exists(path):
-        seeds.append(_bytes(path))
+    for parts in (("llama2c", "tokenizer.model"), ("tokenizers", "mistral", "tokenizer.model.v1")):
+        path = os.path.join(REALDATA, *parts)  # (optional: the odd layouts always run)
+        if os.path.exists(path):
+            seeds.append(_bytes(path))
     good = _outcome(seeds[0], True)
     assert [t for t in good.pieces[:3]] == [b"<unk>", b"plain", b"x" * 130]
     assert good.types[:4] == [2, 1, 1, 6] and good.types[5] == 3 and len(good.pieces) == 11
