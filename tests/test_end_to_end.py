@@ -237,6 +237,8 @@ def test_nanogpt_matches_torch_on_original(tmp_path):
     ("m.gguf", {"group_size": 32}, "--group-size does not apply to gguf"),
     ("m.bin", {"dtype": "f16"}, "use --version 2"),
     ("m.gguf", {"max_seq_len": 0}, "at least 1"),
+    ("m.gguf", {"max_seq_len": 1 << 32}, "too large .GGUF's context length is a uint32"),
+    ("m.bin", {"max_seq_len": 1 << 31}, "too large .llama2.c's header holds an int32"),
 ])
 def test_inapplicable_options_refused(tmp_path, out, options, message):
     with pytest.raises(UsageError, match=message):

@@ -6,7 +6,9 @@ nothing; a full disk / file-size limit gives a one-line error.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import glob
 import hashlib
 import os
@@ -14,6 +16,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -316,3 +319,160 @@ def test_wconv_error_is_what_conversions_raise(tmp_path):
     with pytest.raises(WconvError) as e:
         save(model, tmp_path / "m.safetensors", quiet=True)
     assert type(e.value) is FormatError
+
+
+# A signal the kernel hands to another thread (numpy's BLAS threads, here a Python thread that
+# waits) still runs its Python handler in the main thread: the rename and cleanup steps that
+# must not be cut short hold it by swapping the handlers, not by masking this thread.
+_SIGNAL_IN_CLEANUP = r"""
+import os, shutil, signal, sys, threading, time
+from wconv import atomic, cli
+signal.signal(signal.SIGTERM, cli._raise_interrupt)  # as the wconv command installs it
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # a thread that takes signals
+tmp = sys.argv[1]
+real_rmtree = shutil.rmtree
+def rmtree_interrupted(path, *a, **k):  # a second SIGTERM halfway through the cleanup
+    names = sorted(os.listdir(path))
+    for n in names[:len(names) // 2]:
+        os.unlink(os.path.join(path, n))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    real_rmtree(path, *a, **k)
+atomic.shutil.rmtree = rmtree_interrupted
+try:
+    atomic._remove_quietly(tmp)
+except KeyboardInterrupt as e:
+    print("interrupted after the cleanup" if not os.path.exists(tmp) else "interrupted during the cleanup")
+"""
+
+
+def test_a_signal_during_cleanup_waits_until_the_temporary_is_gone(tmp_path):
+    tmp = tmp_path / ".out.gguf.x.wconv-tmp"
+    tmp.mkdir()
+    for i in range(50):
+        (tmp / f"f{i}").write_bytes(b"x")
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_IN_CLEANUP, str(tmp)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.stdout.strip() == "interrupted after the cleanup", res.stdout + res.stderr
+    assert not tmp.exists()
+
+
+_SIGNAL_IN_SWAP = r"""
+import os, signal, sys, threading, time
+from wconv import atomic, cli
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+src, out = sys.argv[1], sys.argv[2]
+real_rename = os.rename
+def rename_then_signal(a, b):  # SIGTERM just after the old output went aside
+    real_rename(a, b)
+    if a == out:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+atomic.os.rename = rename_then_signal
+sys.argv = ["wconv", "convert", src, out, "--to", "hf", "--force", "--quiet"]
+cli.main()
+"""
+
+
+def test_a_signal_while_an_output_is_swapped_in_keeps_the_new_output(tmp_path):
+    src, out = fixture_path("hf-llama-tiny"), tmp_path / "hf"
+    convert(src, str(out), to="hf", quiet=True)
+    (out / "config.json").write_text((out / "config.json").read_text().replace("{", '{"old": 1, ', 1))
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_IN_SWAP, src, str(out)], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 143, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == f"wconv: interrupted after writing {out}", res.stderr
+    assert '"old"' not in (out / "config.json").read_text()  # the new output, whole, at OUT
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # and neither the old one nor a temporary beside it
+
+
+def _during_conversion(monkeypatch, make):
+    """Run `make()` once, late in the conversion: just before the output is made durable."""
+    from wconv import atomic
+
+    real_tree, real_fsync, done = atomic._fsync_tree, os.fsync, []
+
+    def once():
+        if not done:
+            done.append(make())
+    monkeypatch.setattr(atomic, "_fsync_tree", lambda top: (once(), real_tree(top)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (once(), real_fsync(fd)))
+
+
+@pytest.mark.parametrize("to, name", [(None, "out.gguf"), ("hf", "hf-out")])
+def test_an_output_that_appears_during_the_conversion_is_not_replaced(to, name, tmp_path, monkeypatch):
+    """OUT was absent when the conversion started and someone made it meanwhile: without --force it
+    is kept as it is, and the conversion fails saying so."""
+    out = tmp_path / name
+
+    def make():
+        if to == "hf":
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        else:
+            out.write_bytes(b"mine")
+    _during_conversion(monkeypatch, make)
+    with pytest.raises(OutputError, match="output appeared while converting; pass --force"), \
+            contextlib.redirect_stderr(io.StringIO()):
+        convert(fixture_path("hf-llama-tiny"), str(out), to=to, quiet=True)
+    assert (out / "notes.txt").read_text() == "mine" if to == "hf" else out.read_bytes() == b"mine"
+    assert leftovers(tmp_path) == []
+
+
+def test_force_rechecks_what_it_replaces_just_before_replacing_it(tmp_path, monkeypatch):
+    """--force replaces a previous output; if it was swapped for something wconv did not write while
+    the conversion ran, that is refused as it would have been at the start."""
+    out = tmp_path / "hf-out"
+    with contextlib.redirect_stderr(io.StringIO()):
+        convert(fixture_path("hf-llama-tiny"), str(out), to="hf", quiet=True)
+
+    def swap_for_foreign():
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    _during_conversion(monkeypatch, swap_for_foreign)
+    with pytest.raises(OutputError, match="refusing to replace it with --force"), \
+            contextlib.redirect_stderr(io.StringIO()):
+        convert(fixture_path("hf-llama-tiny"), str(out), to="hf", force=True, quiet=True)
+    assert os.listdir(out) == ["notes.txt"] and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("to, name", [(None, "out.gguf"), ("hf", "hf-out"), (None, "split.gguf")])
+def test_an_output_directory_that_takes_no_new_file_is_a_one_line_error(to, name, tmp_path, monkeypatch):
+    """A read-only or full directory fails where the temporary output is created: an OutputError
+    naming the user's OUT (not the temporary, not an internal error)."""
+    from wconv import atomic
+
+    def refuse(*a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(atomic.tempfile, "mkdtemp", refuse)
+    out = tmp_path / name
+    options = {"split_max_tensors": 4} if name == "split.gguf" else {}
+    with pytest.raises(OutputError) as e, contextlib.redirect_stderr(io.StringIO()):
+        convert(fixture_path("hf-llama-tiny"), str(out), to=to, quiet=True, **options)
+    named = str(out) if name != "split.gguf" else str(tmp_path / "split-00001-of-")  # (a set: its first part)
+    assert str(e.value).startswith(named) and str(e.value).endswith(
+        f": cannot create the output in {tmp_path}: Read-only file system"), str(e.value)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_source_removed_during_the_conversion_is_named(tmp_path, monkeypatch):
+    """The input vanishing between its headers being read and its tensors being copied is the
+    input's error, not an internal one nor the output's."""
+    from wconv import stream
+
+    src = tmp_path / "m.gguf"
+    with contextlib.redirect_stderr(io.StringIO()):
+        convert(fixture_path("hf-llama-tiny"), str(src), dtype="f32", quiet=True)
+    real_copy = stream.copy_range
+
+    def copy_after_removal(path, *a, **k):
+        if os.path.exists(src):
+            os.unlink(src)
+        return real_copy(path, *a, **k)
+    monkeypatch.setattr(stream, "copy_range", copy_after_removal)
+    with pytest.raises(FormatError, match=r"cannot read tensor .*: No such file or directory") as e, \
+            contextlib.redirect_stderr(io.StringIO()):
+        convert(str(src), str(tmp_path / "out.gguf"), quiet=True)
+    assert e.value.path == str(src) and os.listdir(tmp_path) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from conftest import fixture_path
 from wconv import dtypes, mapped, stream
 from wconv.convert.load import load_model
 from wconv.convert.save import convert, save
+from wconv.errors import FormatError
 from wconv.formats import gguf_io, safetensors_io
 from wconv.tensor import LazyTensor
 
@@ -297,3 +299,33 @@ def test_malloc_thresholds_set_by_the_user_stand(monkeypatch, env):
     monkeypatch.setattr(stream, "_malloc_tuned", False)
     stream.keep_freed_memory()  # (the stand-in has no mallopt: taken as "not glibc")
     assert len(calls) == 1
+
+
+def _grown_source(kind, bf16_source, tmp_path):
+    """(path to load, file whose size to change): one source per reader that gives file spans."""
+    if kind == "safetensors":
+        shutil.copy(bf16_source, tmp_path / "m.safetensors")
+        return tmp_path / "m.safetensors", tmp_path / "m.safetensors"
+    if kind == "meta":
+        shutil.copytree(fixture_path("meta-tiny"), tmp_path / "meta")
+        return tmp_path / "meta", tmp_path / "meta" / "consolidated.00.pth"
+    out = tmp_path / {"gguf": "m.gguf", "llama2c": "m.bin", "ggjt": "m.ggjt"}[kind]
+    _convert(bf16_source, str(out), None, {"gguf": {"dtype": "f32"}, "llama2c": {"version": 1},
+                                           "ggjt": {"dtype": "f32"}}[kind], 1)
+    return out, out
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf", "llama2c", "ggjt", "meta"])
+@pytest.mark.parametrize("dtype", [None, "q8_0"])  # None: the source's own type (kernel copies)
+def test_a_source_changed_after_it_was_read_is_refused_not_copied_from(kind, dtype, bf16_source, tmp_path):
+    """Writers read tensors by file range long after the headers were parsed; a source that has
+    changed size since (re-downloaded, edited in place) is refused, naming it, and nothing is written."""
+    src, grown = _grown_source(kind, bf16_source, tmp_path)
+    model = load_model(str(src))
+    with open(grown, "ab") as f:
+        f.write(b"\0" * 4096)
+    out = tmp_path / "out.gguf"
+    with pytest.raises(FormatError, match="changed size since it was opened") as e, \
+            contextlib.redirect_stderr(io.StringIO()):
+        save(model, str(out), quiet=True, **({"dtype": dtype} if dtype else {}))
+    assert str(grown) in str(e.value) and not out.exists()

@@ -26,7 +26,9 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
+import threading
 
 from .errors import OutputError, WconvError
 
@@ -42,6 +44,7 @@ _CLEANUP_SIGNALS = {s for s in (getattr(signal, n, None) for n in ("SIGINT", "SI
 # Temporary output -> the path the user named, while the output is being written: messages
 # (warnings, errors raised inside the writer) name the user's path, never the temporary one.
 _LIVE: dict = {}
+_FINISHED: list = []  # outputs complete at their final paths (finished_outputs)
 
 
 def user_path(path):
@@ -101,6 +104,56 @@ def _check_replaceable(path: str, exists: bool, force: bool, own_output=None) ->
     return path
 
 
+def _recheck(path: str, force: bool, own_output) -> bool:
+    """check_target's verdict on `path` once more, just before the output is renamed there (it
+    may have appeared, or been replaced, during the conversion); whether `path` exists."""
+    exists = os.path.lexists(path)
+    try:
+        _check_replaceable(path, exists, force, own_output)
+    except OutputError as e:
+        if exists and not force:
+            e.message = "output appeared while converting; pass --force to replace it"
+        raise
+    return exists
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_renameat2 = None
+
+
+def _rename_new(src: str, dst: str) -> None:
+    """rename(src, dst) that fails with FileExistsError instead of replacing a `dst` that appeared
+    a moment ago (Linux renameat2 RENAME_NOREPLACE; elsewhere, or on filesystems without it, a
+    plain rename after the existence check)."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                fn = ctypes.CDLL(None, use_errno=True).renameat2
+                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+                _renameat2 = fn
+            except (OSError, AttributeError):  # glibc before 2.28, musl
+                pass
+    if _renameat2:
+        import ctypes
+
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, os.strerror(code), dst)
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+    os.rename(src, dst)
+
+
+def _appeared(path: str):
+    return OutputError(path, "output appeared while converting; pass --force to replace it")
+
+
 def _empty(path: str) -> bool:
     try:
         if os.path.isdir(path):
@@ -131,16 +184,51 @@ def _final_mode(path: str, default: int = 0o666) -> int:
 
 
 @contextlib.contextmanager
-def _signals_deferred():
-    """Hold Ctrl-C / SIGTERM / SIGHUP until the block is done (delivered right after it)."""
-    blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _CLEANUP_SIGNALS)
+def _signals_deferred(pending: list | None = None):
+    """Hold Ctrl-C / SIGTERM / SIGHUP until the block is done.
+
+    They are delivered right after it, or, given a `pending` list, recorded there for the caller
+    to deliver (deliver_pending) once its output is complete. Blocking the signals in this thread
+    would not do: the kernel hands a process signal to any thread that does not block it (numpy's
+    BLAS threads, for one), and Python then runs the handler in the main thread wherever it is.
+    So the Python handlers themselves are swapped for one that only records the signal.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers run in the main thread only: nothing can interrupt this block
+        return
+    held = [] if pending is None else pending
+    saved = {}
+    for signum in _CLEANUP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler in (signal.SIG_IGN, None):  # ignored (nohup), or not set from Python: left alone
+            continue
+        saved[signum] = handler
+        signal.signal(signum, lambda n, frame: held.append(n))
     try:
         yield
     finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        if pending is None:
+            deliver_pending(held)
+
+
+def deliver_pending(pending: list) -> None:
+    """Deliver, once each, the signals a _signals_deferred block recorded."""
+    todo = list(dict.fromkeys(pending))
+    pending.clear()
+    for signum in todo:
+        signal.raise_signal(signum)
+
+
+def finished_outputs() -> list:
+    """The outputs renamed into place by this process since forget_finished(), in order: what an
+    interruption after them has not undone."""
+    return list(_FINISHED)
+
+
+def forget_finished() -> None:
+    _FINISHED.clear()
 
 
 def _remove_now(tmp: str) -> None:
@@ -187,6 +275,20 @@ def _write_failure(e: OSError, tmp: str, directory: str) -> str:
     return e.strerror or str(e)
 
 
+def _new_temporary(path: str, directory: str, *, is_dir: bool = False) -> str:
+    """A new hidden temporary file (or directory) beside `path`; failing that, an OutputError
+    naming `path` (an unwritable or read-only directory, no inodes left)."""
+    prefix = "." + os.path.basename(path) + "."
+    try:
+        if is_dir:
+            return tempfile.mkdtemp(prefix=prefix, suffix=TMP_SUFFIX, dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=TMP_SUFFIX, dir=directory)
+        os.close(fd)
+        return tmp
+    except OSError as e:
+        raise OutputError(path, f"cannot create the output in {directory}: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
     """Yield a temporary path beside `path`; on clean exit it is renamed to `path`.
@@ -196,20 +298,29 @@ def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
     """
     path = check_target(path, force=force, inputs=inputs, own_output=own_output)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
-    os.close(fd)
+    tmp = _new_temporary(path, directory)
     _LIVE[tmp] = path
+    pending = []  # an interruption during the rename: delivered once the output is complete
     try:
         yield tmp
         os.chmod(tmp, _final_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _signals_deferred(pending):
+            if _recheck(path, force, own_output):
+                os.replace(tmp, path)
+            else:
+                try:
+                    _rename_new(tmp, path)
+                except FileExistsError:
+                    raise _appeared(path) from None
+            _FINISHED.append(path)
     except BaseException as e:
         _fail(e, path, tmp, directory)
     finally:
         _LIVE.pop(tmp, None)
     _fsync_dir(directory)  # make the rename itself durable
+    deliver_pending(pending)
 
 
 def _fail(e: BaseException, path: str, tmp: str, directory: str):
@@ -278,11 +389,16 @@ def _fsync_tree(top: str) -> None:
         _fsync_dir(root)
 
 
-def _swap_in(tmp: str, path: str, directory: str) -> None:
-    """Rename `tmp` to `path`; an existing `path` goes aside first and is deleted last."""
-    with _signals_deferred():  # an interruption between the two renames would lose both
-        if not os.path.lexists(path):
-            os.rename(tmp, path)
+def _swap_in(tmp: str, path: str, directory: str, pending: list, force: bool, own_output) -> None:
+    """Rename `tmp` to `path`; an existing `path` (one --force may replace) goes aside first and is
+    deleted last."""
+    with _signals_deferred(pending):  # an interruption between the two renames would lose both
+        if not _recheck(path, force, own_output):
+            try:
+                _rename_new(tmp, path)
+            except FileExistsError:
+                raise _appeared(path) from None
+            _FINISHED.append(path)
             return
         aside = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".old.", suffix=TMP_SUFFIX, dir=directory)
         os.rmdir(aside)  # reserve a unique name, then take it (path may be a symlink to a directory)
@@ -292,6 +408,7 @@ def _swap_in(tmp: str, path: str, directory: str) -> None:
         except BaseException:
             os.rename(aside, path)  # put the old output back
             raise
+        _FINISHED.append(path)
         _remove_now(aside)
 
 
@@ -304,18 +421,20 @@ def atomic_dir(path, *, force: bool = False, inputs=(), own_output=None):
     """
     path = check_dir_target(path, force=force, inputs=inputs, own_output=own_output)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    tmp = _new_temporary(path, directory, is_dir=True)
     _LIVE[tmp] = path
+    pending = []
     try:
         yield tmp
         _fsync_tree(tmp)
         os.chmod(tmp, _final_mode(path, 0o777))
-        _swap_in(tmp, path, directory)
+        _swap_in(tmp, path, directory, pending, force, own_output)
     except BaseException as e:
         _fail(e, path, tmp, directory)
     finally:
         _LIVE.pop(tmp, None)
     _fsync_dir(directory)
+    deliver_pending(pending)
 
 
 # --- sets of files (GGUF split sets) -------------------------------------------------------
@@ -330,7 +449,8 @@ def atomic_files(paths, *, force: bool = False, inputs=(), own_output=None):
     directory = os.path.dirname(os.path.abspath(paths[0]))
     if any(os.path.dirname(os.path.abspath(p)) != directory for p in paths):
         raise OutputError(paths[0], "the files of one output must share a directory")
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(paths[0]) + ".", suffix=TMP_SUFFIX, dir=directory)
+    tmp = _new_temporary(paths[0], directory, is_dir=True)
+    pending = []
     try:
         yield tmp
         for p in paths:
@@ -338,26 +458,31 @@ def atomic_files(paths, *, force: bool = False, inputs=(), own_output=None):
             os.chmod(staged, _final_mode(p))
             with open(staged, "rb+") as f:
                 os.fsync(f.fileno())
-        _swap_files_in(tmp, paths)
+        _swap_files_in(tmp, paths, pending, force, own_output)
     except BaseException as e:
         _fail(e, paths[0], tmp, directory)
     _remove_quietly(tmp)
     _fsync_dir(directory)
+    deliver_pending(pending)
 
 
-def _swap_files_in(tmp: str, paths: list) -> None:
+def _swap_files_in(tmp: str, paths: list, pending: list, force: bool, own_output) -> None:
     aside = os.path.join(tmp, ".replaced")
     os.mkdir(aside)
     moved, placed = [], []
-    with _signals_deferred():  # an interruption between the renames would leave half a set
+    with _signals_deferred(pending):  # an interruption between the renames would leave half a set
         try:
+            existing = [p for p in paths if _recheck(p, force, own_output)]
+            for p in existing:
+                os.rename(p, os.path.join(aside, os.path.basename(p)))
+                moved.append(p)
             for p in paths:
-                if os.path.lexists(p):
-                    os.rename(p, os.path.join(aside, os.path.basename(p)))
-                    moved.append(p)
-            for p in paths:
-                os.rename(os.path.join(tmp, os.path.basename(p)), p)
+                try:
+                    _rename_new(os.path.join(tmp, os.path.basename(p)), p)
+                except FileExistsError:
+                    raise _appeared(p) from None
                 placed.append(p)
+            _FINISHED.extend(paths)
         except BaseException:
             for p in placed:
                 _remove_now(p)
@@ -372,8 +497,7 @@ def scratch_file(beside):
     whatever happens (an intermediate output, e.g. the single GGUF a split set is cut from)."""
     path = os.fspath(beside)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
-    os.close(fd)
+    tmp = _new_temporary(path, directory)
     try:
         yield tmp
     except BaseException as e:

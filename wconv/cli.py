@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__, arch, codecs, quant_mix
+from . import __version__, arch, atomic, codecs, quant_mix
 from .errors import WconvError
 
 
@@ -27,6 +27,7 @@ def _raise_interrupt(signum, frame):
 
 class _Group(click.Group):
     def invoke(self, ctx):
+        atomic.forget_finished()
         try:
             return super().invoke(ctx)
         except WconvError as e:
@@ -34,7 +35,9 @@ class _Group(click.Group):
             sys.exit(e.exit_code)
         except KeyboardInterrupt as e:
             # The shell convention: 128 + the signal number (SIGINT 130, SIGTERM 143, SIGHUP 129).
-            click.echo("wconv: interrupted; no output written", err=True)
+            done = atomic.finished_outputs()  # (an interruption right after an output was complete)
+            click.echo(f"wconv: interrupted after writing {', '.join(done)}" if done
+                       else "wconv: interrupted; no output written", err=True)
             sys.exit(128 + getattr(e, "signum", signal.SIGINT))
         except MemoryError:
             click.echo("wconv: error: out of memory", err=True)

@@ -84,20 +84,26 @@ def read_bytes(path, offset: int, nbytes: int, *, file_size: int | None = None, 
 COPY_PIECE = 64 << 20  # bytes per copy_file_range/sendfile call and per fallback read
 
 
-def copy_range(src, offset: int, nbytes: int, dst, *, what: str = "tensor data") -> None:
+def copy_range(src, offset: int, nbytes: int, dst, *, file_size: int | None = None,
+               what: str = "tensor data") -> None:
     """Append bytes [offset, offset + nbytes) of file `src` (a path) to the open binary file `dst`.
 
     Same-type tensor data travels this way, kernel to kernel: os.copy_file_range (which a
     filesystem may turn into a reflink), else os.sendfile, else large buffered reads. The
     bytes never enter a numpy array, so they cost no private memory. `dst`'s position moves
-    past the copy; anything buffered in `dst` is flushed first.
+    past the copy; anything buffered in `dst` is flushed first. `file_size`: the size the
+    caller saw when it parsed `src`'s headers; a file of another size now is refused.
     """
     src = os.fspath(src)
     dst.flush()
     out_fd = dst.fileno()
     try:
-        with open(src, "rb") as f:
-            _check_range(src, f.fileno(), offset, nbytes, None, what)
+        f = open(src, "rb")
+    except OSError as e:  # gone or unreadable since it was parsed: the input's fault, named as such
+        raise FormatError(src, f"cannot read {what}: {e.strerror or e}") from None
+    try:
+        with f:
+            _check_range(src, f.fileno(), offset, nbytes, file_size, what)
             in_fd, done = f.fileno(), 0
             pos = os.lseek(out_fd, 0, os.SEEK_CUR)
             for copy in (_copy_file_range, _sendfile):
@@ -115,11 +121,23 @@ def copy_range(src, offset: int, nbytes: int, dst, *, what: str = "tensor data")
                     done += len(chunk)
                 dst.flush()
             os.lseek(out_fd, pos + nbytes, os.SEEK_SET)
-        start_writeback(dst, pos, pos + nbytes)  # outputs are fsynced before the rename: start now
+            start_writeback(dst, pos, pos + nbytes)  # outputs are fsynced before the rename: start now
     except OSError as e:
+        if e.errno in (errno.EIO, errno.EACCES, errno.EPERM) and not _readable(src, offset, nbytes):
+            raise FormatError(src, f"cannot read {what}: {e.strerror or e}") from None
         if e.filename is None:
             e.filename = getattr(dst, "name", None)  # a write error: the output's, for atomic's message
         raise
+
+
+def _readable(path: str, offset: int, nbytes: int) -> bool:
+    """Whether the first and last byte of a range can still be read (a copy error that also
+    fails this is the input's; copy_file_range does not say which side failed)."""
+    try:
+        with open(path, "rb") as f:
+            return all(len(os.pread(f.fileno(), 1, p)) == 1 for p in {offset, offset + max(nbytes - 1, 0)})
+    except OSError:
+        return False
 
 
 def _copy_file_range(in_fd, offset, out_fd, pos, nbytes, done) -> int:

@@ -29,6 +29,21 @@ def to_float32(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
     return codecs.get(dt).decode(raw).reshape(shape)
 
 
+class FileSpan(tuple):
+    """(path, offset, nbytes) of a tensor's stored bytes in a file, and the file's size when the
+    reader parsed it (file_size, or None): the writers read spans piece by piece long after the
+    headers were parsed, and a file changed since then must be refused, not copied from."""
+
+    def __new__(cls, path, offset: int, nbytes: int, file_size: int | None = None):
+        span = super().__new__(cls, (path, offset, nbytes))
+        span.file_size = file_size
+        return span
+
+
+def span_file_size(span) -> int | None:
+    return getattr(span, "file_size", None)
+
+
 @dataclass
 class LazyTensor:
     name: str
@@ -118,11 +133,11 @@ class LazyTensor:
             return raw.reshape(self.shape)[start:stop] if self.shape else raw.reshape(1)[start:stop]
         path, offset, _ = span
         rb = self.row_bytes()
-        what = f"tensor {self.name!r}"
+        what, size = f"tensor {self.name!r}", span_file_size(span)
         if self.dtype.quantized:
-            return map_array(path, offset + start * rb, (stop - start) * rb, np.uint8, what=what)
+            return map_array(path, offset + start * rb, (stop - start) * rb, np.uint8, file_size=size, what=what)
         arr = map_array(path, offset + start * rb, (stop - start) * rb, self.dtype.storage.newbyteorder("<"),
-                        what=what)
+                        file_size=size, what=what)
         return arr.reshape((stop - start, *self.shape[1:]))
 
     def float32(self) -> np.ndarray:

@@ -44,14 +44,14 @@ def _json_kind(path) -> str:
     st = os.stat(path)
     if st.st_size > MAX_SIDE_FILE:
         return "json"
-    return _json_kind_of(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return _json_kind_of(os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 @functools.lru_cache(maxsize=64)
-def _json_kind_of(path, size, mtime_ns, inode) -> str:
-    # Kept per file version (the stat fields are the key): one load sniffs a directory's files
-    # more than once (tokenizer, then its config files), and a 1.5 MB tokenizer.json takes 50-80 ms
-    # to parse each time.
+def _json_kind_of(path, size, mtime_ns, ctime_ns, inode, device) -> str:
+    # Kept per file version (the stat fields are the key; ctime moves even when a rewrite sets
+    # mtime back): one load sniffs a directory's files more than once (tokenizer, then its config
+    # files), and a 1.5 MB tokenizer.json takes 50-80 ms to parse each time.
     from .formats import gpt2_vocab, hf_tokenizer
 
     try:

@@ -38,7 +38,7 @@ from ..mapped import map_array
 from ..model import Config, Model, Stored, Tokenizer
 from ..notes import emit as emit_notes
 from ..progress import progress
-from ..tensor import LazyTensor
+from ..tensor import FileSpan, LazyTensor
 
 MAGIC_GGML, MAGIC_GGMF, MAGIC_GGJT = 0x67676D6C, 0x67676D66, 0x67676A74
 ALIGNMENT = 32  # ggjt tensor data alignment (absolute file offset)
@@ -215,7 +215,7 @@ def _read(path: str, r: _Reader) -> Model:
             raise FormatError(path, f"duplicate tensor {name}")
         shape = tuple(reversed(dims))
         tensors[canon] = LazyTensor(canon, dt, shape, _loader(path, r.end, name, r.pos, nbytes, dt, shape),
-                                    source=f"{base}:{name}", storage_key=(path, r.pos), span=(path, r.pos, nbytes))
+                                    source=f"{base}:{name}", storage_key=(path, r.pos), span=FileSpan(path, r.pos, nbytes, r.end))
         raw_names[canon] = name
         r.pos += nbytes
 

@@ -41,7 +41,7 @@ from ..mapped import map_array
 from ..model import Config, Model, Stored, Tokenizer
 from ..notes import emit as emit_notes
 from ..progress import progress
-from ..tensor import LazyTensor
+from ..tensor import FileSpan, LazyTensor
 from . import gguf_set
 
 GGUF_MAGIC = b"GGUF"
@@ -393,7 +393,7 @@ def read(path, *, strict: bool = True, whole_set: bool = True) -> Model:
             tensors[info.name] = LazyTensor(info.name, info.dtype, tuple(reversed(info.dims)),
                                             _tensor_loader(part, size, info, ph.endian),
                                             source=f"{base}:{info.name}", storage_key=(part, info.offset),
-                                            span=(part, info.offset, info.nbytes) if ph.endian == "<" else None)
+                                            span=FileSpan(part, info.offset, info.nbytes, size) if ph.endian == "<" else None)
             file_of[info.name] = part
 
     metadata = {"GGUF.version": h.version, "GGUF.tensor_count": len(tensors), "GGUF.kv_count": len(h.kv),
@@ -529,6 +529,8 @@ def check_options(model: Model, out, *, dtype: str | None = None, max_seq_len: i
     where = model.path or os.fspath(out)
     if max_seq_len is not None and max_seq_len <= 0:
         raise UsageError(out, f"--max-seq-len must be positive, got {max_seq_len}")
+    if max_seq_len is not None and max_seq_len > (1 << 32) - 1:
+        raise UsageError(out, f"--max-seq-len {max_seq_len} is too large (GGUF's context length is a uint32)")
     cfg = model.config
     if cfg.arch == "gpt2" and max_seq_len and "position_embd.weight" in model.tensors:
         rows = model.tensors["position_embd.weight"].shape[0]

@@ -20,6 +20,7 @@ sentencepiece converter orders them (by the merged piece's score).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -219,7 +220,11 @@ def token_ids(tok: Tokenizer, texts) -> dict:
             out.setdefault(bytes(t).decode("utf-8", "replace"), i)
         return {t: out[t] for t in texts if t in out}
     # Otherwise a text matches exactly the token of its UTF-8 bytes: no decoding of the vocabulary.
-    wanted = {t.encode("utf-8"): t for t in texts}
+    # (A text with a lone surrogate has no UTF-8 form, and no decoded token equals it.)
+    wanted = {}
+    for t in texts:
+        with contextlib.suppress(UnicodeEncodeError):
+            wanted[t.encode("utf-8")] = t
     out = {}
     for i, t in enumerate(tok.tokens):
         text = wanted.get(bytes(t))

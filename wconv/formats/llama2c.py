@@ -44,7 +44,7 @@ from ..errors import FormatError, UnsupportedError, UsageError
 from ..mapped import map_array
 from ..model import Config, Model, Stored
 from ..progress import progress, warn
-from ..tensor import LazyTensor
+from ..tensor import FileSpan, LazyTensor
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32
 HEADER_BYTES = 256  # v1 / v2
@@ -305,7 +305,7 @@ def _memmap(path, size, dtype, offset, count, name):
 def _f32_tensor(path, size, base, name, shape, offset) -> LazyTensor:
     n = math.prod(shape)
     return LazyTensor(name, dtypes.F32, shape, lambda: _memmap(path, size, "<f4", offset, n, name).reshape(shape),
-                      f"{base}@{offset}", storage_key=(path, offset), span=(path, offset, 4 * n))
+                      f"{base}@{offset}", storage_key=(path, offset), span=FileSpan(path, offset, 4 * n, size))
 
 
 def _q8_tensor(path, size, base, name, shape, offset, group_size) -> LazyTensor:
@@ -397,6 +397,8 @@ def check_options(model: Model, out, *, version: int = 0, group_size: int | None
         raise UsageError(out, "--group-size only applies to version 2")
     if max_seq_len is not None and max_seq_len <= 0:
         raise UsageError(out, f"--max-seq-len must be positive, got {max_seq_len}")
+    if max_seq_len is not None and max_seq_len > (1 << 31) - 1:
+        raise UsageError(out, f"--max-seq-len {max_seq_len} is too large (llama2.c's header holds an int32)")
     _, _, hidden = _check_model(model, model.path or out)
     if version == 2:
         pick_group_size(model.config.dim, hidden, group_size, out)

@@ -24,7 +24,7 @@ from ..mapped import map_array
 from ..notes import emit as emit_notes
 from ..notes import tensor_note
 from ..progress import progress
-from ..tensor import LazyTensor
+from ..tensor import FileSpan, LazyTensor
 
 # The safetensors library refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100_000_000
@@ -116,7 +116,7 @@ def read(path) -> tuple[dict, dict]:
     for name, e in ordered:
         tensors[name] = LazyTensor(name, e["dtype"], e["shape"], _loader(path, size, data_start, name, e),
                                    f"{base}:{name}", (path, "safetensors", data_start + e["begin"]),
-                                   span=(path, data_start + e["begin"], e["end"] - e["begin"]))
+                                   span=FileSpan(path, data_start + e["begin"], e["end"] - e["begin"], size))
     return tensors, metadata
 
 

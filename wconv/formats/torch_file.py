@@ -90,6 +90,7 @@ def zip_storages(zf, folder: str, path, *, big_endian: bool = False):
         st = Storage(key, dt, nbytes, location, f"{base}:{where}/{key}", path, big_endian)
         st.fetch = lambda: zf.view(member)
         st.locate = lambda: zf.data_offset(member) if member.method == 0 else None
+        st.file_size = zf.mf.size
         storages[key] = st
         return st
 

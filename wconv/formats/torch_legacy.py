@@ -100,6 +100,7 @@ def open_legacy(mf, path, allow_unknown_globals, limits):
         if st is None:
             raise FormatError(path, f"legacy torch file has data for storage {key} that nothing uses")
         st.fetch, st.locate = _accessors(mf, pos, st)
+        st.file_size = mf.size
         pos += 8 + st.nbytes
     mf.check_range(data_start, pos - data_start, "storage data")  # arithmetic only: reads nothing
     missing = [k for k in storages if k not in set(keys)]

@@ -15,7 +15,7 @@ import numpy as np
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import FormatError, UnsupportedError, WconvError
-from ..tensor import LazyTensor
+from ..tensor import FileSpan, LazyTensor
 from .pickle_records import Global, GlobalSpec, Marker, UnknownGlobal, UnknownObject
 
 _MAX_DIM = 1 << 62
@@ -71,7 +71,7 @@ class Storage:
     """One torch storage: `nbytes` bytes named `key` in the file, fetched only on request."""
 
     __slots__ = ("key", "dtype", "nbytes", "location", "source", "path", "big_endian", "fetch",
-                 "locate", "base", "base_offset")
+                 "locate", "base", "base_offset", "file_size")
 
     def __init__(self, key, dtype: DType, nbytes: int, location: str, source: str, path: str,
                  big_endian: bool = False):
@@ -89,6 +89,7 @@ class Storage:
         self.locate = lambda: None
         self.base = self
         self.base_offset = 0
+        self.file_size = None  # the container's size when it was opened (set with locate)
 
     def data(self):
         if self.fetch is None:
@@ -235,7 +236,8 @@ def _span(storage, dt: DType, offset: int, shape: tuple, strides: tuple, changed
         start = storage.base.locate()  # (a legacy storage view lies inside its root storage)
         if start is None:
             return None
-        return storage.path, start + storage.base_offset + offset * dt.itemsize, n * dt.itemsize
+        return FileSpan(storage.path, start + storage.base_offset + offset * dt.itemsize, n * dt.itemsize,
+                        storage.base.file_size)
     return span
 
 
