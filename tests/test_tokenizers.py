@@ -6,6 +6,7 @@ freshly trained models (when it is installed).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import random
@@ -189,7 +190,19 @@ def _odd_layouts() -> bytes:
         piece(text(b"after") + score + b"\x18\x01"),
         piece(text(b"") + score),                             # empty text (7 bytes: the minimum)
         piece(text(b"\x0a\x05" + b"z" * 1273) + score),         # length 0x83 0x0A: its 2nd byte a text tag
+        _misread_length_bait(),
     ])
+
+
+def _misread_length_bait() -> bytes:
+    """A 1281-byte piece (length bytes 0x81 0x0A) whose bytes, were its length read as the single
+    byte 0x81, would pass for a piece in sentencepiece's layout; an unknown field 15 leads it."""
+    tail = b"\x0a\x05hello\x15" + struct.pack("<f", -1.0)
+    filler = bytearray(1281 - 3 - len(tail))
+    filler[120] = 0x15
+    body = b"\x7a" + _varint(len(filler)) + bytes(filler) + tail
+    assert len(body) == 1281 and _varint(len(body)) == b"\x81\x0a"
+    return b"\x0a" + _varint(len(body)) + body
 
 
 def _outcome(buf, fast):
@@ -197,7 +210,8 @@ def _outcome(buf, fast):
         m = sentencepiece.parse_model_proto(buf, fast=fast)
     except sentencepiece._Malformed as e:
         return "error", str(e)
-    return m
+    # scores by their bits: a NaN score must compare equal to itself
+    return dataclasses.replace(m, scores=[struct.pack("<f", x) for x in m.scores])
 
 
 def test_inline_piece_reader_agrees_with_the_field_parser():
@@ -211,7 +225,8 @@ def test_inline_piece_reader_agrees_with_the_field_parser():
             seeds.append(_bytes(path))
     good = _outcome(seeds[0], True)
     assert [t for t in good.pieces[:3]] == [b"<unk>", b"plain", b"x" * 130]
-    assert good.types[:4] == [2, 1, 1, 6] and good.types[5] == 3 and len(good.pieces) == 11
+    assert good.types[:4] == [2, 1, 1, 6] and good.types[5] == 3 and len(good.pieces) == 12
+    assert good.pieces[-1] == b"hello"
     assert good.model_type == "bpe"
     rng = random.Random(9)
     for seed in seeds:

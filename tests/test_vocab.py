@@ -440,8 +440,12 @@ def test_a_directory_load_parses_each_json_side_file_once_and_sees_changed_files
     sniffs = parsed.count("tokenizer.json")
     find_tokenizer_beside(str(d / "model.gguf"))
     assert parsed.count("tokenizer.json") - sniffs <= 1  # the load itself reads it again; no sniff does
-    (d / "tokenizer.json").write_text(json.dumps({"bos_token": "<s>", "model_max_length": 8}))
+    (d / "tokenizer.json").write_text(json.dumps({"bos_token": "<s>", "model_max_length": 8}).ljust(80))
     assert sniff(d / "tokenizer.json") == "hf-tokenizer-config"
+    st = os.stat(d / "tokenizer.json")  # rewritten in place, same size, mtime set back (rsync -t, cp -p)
+    (d / "tokenizer.json").write_text(json.dumps({"_from_model_config": True, "eos_token_id": 2}).ljust(st.st_size))
+    os.utime(d / "tokenizer.json", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(d / "tokenizer.json").st_size == st.st_size and sniff(d / "tokenizer.json") == "hf-generation-config"
 
 
 def test_special_token_ids_are_found_as_by_decoding_every_token():
@@ -454,5 +458,5 @@ def test_special_token_ids_are_found_as_by_decoding_every_token():
     table = {}
     for i, t in enumerate(tokens):
         table.setdefault(t.decode("utf-8", "replace"), i)
-    for texts in (["<s>", "</s>"], ["é", "missing"], ["\ufffd"], ["\ufffd", "a", "<s>"], []):
+    for texts in (["<s>", "</s>"], ["é", "missing"], ["\ufffd"], ["\ufffd", "a", "<s>"], [], ["\ud800", "a"]):
         assert hf_tokenizer.token_ids(tok, texts) == {t: table[t] for t in texts if t in table}
