@@ -329,3 +329,23 @@ def test_a_source_changed_after_it_was_read_is_refused_not_copied_from(kind, dty
             contextlib.redirect_stderr(io.StringIO()):
         save(model, str(out), quiet=True, **({"dtype": dtype} if dtype else {}))
     assert str(grown) in str(e.value) and not out.exists()
+
+
+def test_a_source_truncated_under_the_pieces_is_an_error_not_a_crash(bf16_source, tmp_path, monkeypatch):
+    """Pieces are read (pread), not mapped: a source cut short while its pieces are being encoded
+    gives a FormatError naming it, where a map would have killed the process with SIGBUS."""
+    src = tmp_path / "m.safetensors"
+    shutil.copy(bf16_source, src)
+    real_read, calls = stream.read_array, []
+
+    def read_then_truncate(path, offset, nbytes, *a, **k):
+        arr = real_read(path, offset, nbytes, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            os.truncate(path, offset + 64)
+        return arr
+    monkeypatch.setattr(stream, "read_array", read_then_truncate)
+    with pytest.raises(FormatError, match="changed size since it was opened") as e, \
+            contextlib.redirect_stderr(io.StringIO()):
+        convert(str(src), str(tmp_path / "out.gguf"), dtype="q8_0", quiet=True, threads=2)
+    assert e.value.path == str(src) and sorted(os.listdir(tmp_path)) == ["m.safetensors"]

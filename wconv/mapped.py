@@ -64,6 +64,31 @@ def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int 
     return np.frombuffer(mm, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - start)
 
 
+def read_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int | None = None,
+               what: str = "tensor data") -> np.ndarray:
+    """A copy of bytes [offset, offset + nbytes) of `path` as a 1-D array of `dtype`, read with
+    pread; checked like map_array. The writers read their pieces this way rather than through a
+    map: a file truncated (or a disk failing) under a map kills the process with SIGBUS, while a
+    read gives an error that names the file."""
+    path = os.fspath(path)
+    dtype = np.dtype(dtype)
+    if offset < 0 or nbytes < 0 or nbytes % dtype.itemsize:
+        raise FormatError(path, f"{what}: bad byte range at offset {offset} ({nbytes} bytes of {dtype})")
+    out = np.empty(nbytes, dtype=np.uint8)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            _check_range(path, f.fileno(), offset, nbytes, file_size, what)
+            view, done = memoryview(out), 0
+            while done < nbytes:
+                n = os.preadv(f.fileno(), [view[done:]], offset + done)
+                if n == 0:
+                    raise FormatError(path, f"file shrank while reading {what}")
+                done += n
+    except OSError as e:
+        raise FormatError(path, f"cannot read {what}: {e.strerror or e}") from None
+    return out.view(dtype)
+
+
 def read_bytes(path, offset: int, nbytes: int, *, file_size: int | None = None, what: str = "data") -> bytes:
     """A copy of bytes [offset, offset + nbytes) of `path`, read without a map; checked like map_array."""
     path = os.fspath(path)

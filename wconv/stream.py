@@ -11,9 +11,10 @@ DType). For each tensor, in order:
 - anything else: pieces of whole rows (at most PIECE_ELEMENTS values, 8 MB of float32)
   are decoded to float32 and encoded as the target (wconv.codecs) on a small thread pool
   (wconv.parallel.ordered_map) while the calling thread writes the previous pieces. Pieces
-  of a tensor with a file span are mapped one at a time, so neither a float32 copy of a
-  tensor nor its whole input mapping is ever resident; pieces of a computed tensor are
-  computed from just the source rows they need.
+  of a tensor with a file span are read one at a time (wconv.mapped.read_array: pread, not a
+  map, so a source cut short is an error instead of SIGBUS), so neither a float32 copy of a
+  tensor nor its whole input is ever resident; pieces of a computed tensor are computed from
+  just the source rows they need.
 
 Results are written in order, so the output is byte-identical whatever the thread count.
 Writers keep their own headers: `before(i)` is called just before tensor i's first byte
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import codecs, dtypes
-from .mapped import copy_range, map_array, start_writeback
+from .mapped import copy_range, read_array, start_writeback
 from .tensor import span_file_size
 from .parallel import default_workers, ordered_map
 
@@ -213,7 +214,7 @@ def _stored_bytes(raw, target) -> np.ndarray:
 
 def _stored_slices(i, t, target):
     e = t.n_elements // t.rows if t.rows else 0
-    # pieces the size of an encoded piece's float32 (both the rows and their mapped source count)
+    # pieces the size of an encoded piece's float32 (both the rows and their source bytes count)
     blocks = t.row_blocks(max(1, 4 * PIECE_ELEMENTS // max(1, target.nbytes(e)) * e), limit=GROUP_LIMIT)
     if blocks is not None:
         for a, b in blocks:
@@ -260,7 +261,7 @@ def _encoded_pieces(i, t, target, piece_elements: int):
             path, offset, _ = span
             dtype = np.uint8 if src.quantized else storage
             load = (lambda p=path, o=offset + lo, b=nb, d=dtype, name=t.name, size=span_file_size(span):
-                    map_array(p, o, b, d, file_size=size, what=f"tensor {name!r}"))
+                    read_array(p, o, b, d, file_size=size, what=f"tensor {name!r}"))
         elif src.quantized:
             load = (lambda w=whole, a=lo, b=lo + nb: w[a:b])
         else:

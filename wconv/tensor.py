@@ -21,7 +21,7 @@ import numpy as np
 
 from . import codecs, dtypes
 from .dtypes import DType
-from .mapped import map_array
+from .mapped import read_array
 
 
 def to_float32(raw: np.ndarray, dt: DType, shape: tuple) -> np.ndarray:
@@ -121,7 +121,7 @@ class LazyTensor:
         """Raw rows [start, stop) of the first axis: shape (stop - start, *shape[1:]) in the
         storage dtype, or for quantised types the rows' flat uint8 blocks. start and stop are
         multiples of row_group (or stop is the row count). Only those rows are read when
-        rows_piecewise(); a file range is mapped just for them (the mapping goes with the array)."""
+        rows_piecewise(); a file range is read just for them (wconv.mapped.read_array)."""
         if self.rows_of is not None:
             return self.rows_of(start, stop)
         span = self.file_span()
@@ -135,8 +135,8 @@ class LazyTensor:
         rb = self.row_bytes()
         what, size = f"tensor {self.name!r}", span_file_size(span)
         if self.dtype.quantized:
-            return map_array(path, offset + start * rb, (stop - start) * rb, np.uint8, file_size=size, what=what)
-        arr = map_array(path, offset + start * rb, (stop - start) * rb, self.dtype.storage.newbyteorder("<"),
+            return read_array(path, offset + start * rb, (stop - start) * rb, np.uint8, file_size=size, what=what)
+        arr = read_array(path, offset + start * rb, (stop - start) * rb, self.dtype.storage.newbyteorder("<"),
                         file_size=size, what=what)
         return arr.reshape((stop - start, *self.shape[1:]))
 
