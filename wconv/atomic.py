@@ -26,10 +26,10 @@ import os
 import shutil
 import signal
 import stat
-import sys
 import tempfile
 import threading
 
+from . import libc
 from .errors import OutputError, WconvError
 
 try:
@@ -118,31 +118,20 @@ def _recheck(path: str, force: bool, own_output) -> bool:
 
 
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
-_renameat2 = None
 
 
 def _rename_new(src: str, dst: str) -> None:
     """rename(src, dst) that fails with FileExistsError instead of replacing a `dst` that appeared
     a moment ago (Linux renameat2 RENAME_NOREPLACE; elsewhere, or on filesystems without it, a
     plain rename after the existence check)."""
-    global _renameat2
-    if _renameat2 is None:
-        _renameat2 = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
+    import ctypes
 
-                fn = ctypes.CDLL(None, use_errno=True).renameat2
-                fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-                _renameat2 = fn
-            except (OSError, AttributeError):  # glibc before 2.28, musl
-                pass
-    if _renameat2:
-        import ctypes
-
-        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+    renameat2 = libc.function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                              ctypes.c_uint)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
-        code = ctypes.get_errno()
+        code = libc.errno()
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(code, os.strerror(code), dst)
     if os.path.lexists(dst):

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from . import libc
 from .errors import FormatError
 
 # Python 3.13+ can map without keeping a duplicated file descriptor per map.
@@ -199,7 +200,6 @@ def _sendfile(in_fd, offset, out_fd, pos, nbytes, done) -> int:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
-_sync_file_range = None
 
 
 def start_writeback(f, start: int, end: int) -> None:
@@ -210,21 +210,12 @@ def start_writeback(f, start: int, end: int) -> None:
     writeback overlaps the rest of the conversion instead of all waiting at the end. Python's
     os module lacks sync_file_range, hence ctypes.
     """
-    global _sync_file_range
-    if _sync_file_range is None:
-        _sync_file_range = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
+    import ctypes
 
-                fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                _sync_file_range = fn
-            except (OSError, AttributeError):
-                pass
-    if _sync_file_range and end > start:
+    sync_file_range = libc.function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    if sync_file_range is not None and end > start:
         f.flush()
-        _sync_file_range(f.fileno(), start, end - start, _SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
+        sync_file_range(f.fileno(), start, end - start, _SYNC_FILE_RANGE_WRITE)  # a hint: errors ignored
 
 
 def read_whole(path, *, max_bytes: int, what: str = "file") -> bytes:

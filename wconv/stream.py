@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import codecs, dtypes
+from . import codecs, dtypes, libc
 from .mapped import copy_range, read_array, start_writeback
 from .tensor import span_file_size
 from .parallel import default_workers, ordered_map
@@ -140,15 +139,13 @@ def keep_freed_memory() -> None:
     if _malloc_tuned:
         return
     _malloc_tuned = True
-    if not sys.platform.startswith("linux") or _malloc_set_by_user():
+    if _malloc_set_by_user():
         return
-    try:
-        import ctypes
+    import ctypes
 
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+    mallopt = libc.function("mallopt", ctypes.c_int, ctypes.c_int)  # (not glibc, e.g. musl: None)
+    if mallopt is None:
         return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
