@@ -476,3 +476,60 @@ def test_a_source_removed_during_the_conversion_is_named(tmp_path, monkeypatch):
             contextlib.redirect_stderr(io.StringIO()):
         convert(str(src), str(tmp_path / "out.gguf"), quiet=True)
     assert e.value.path == str(src) and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_dangling_symlink_at_out_is_replaced_as_before(force, tmp_path):
+    """check_target counts a dangling symlink at OUT as absent; the check just before the rename
+    counts it the same way (it is replaced, not taken for an output that appeared)."""
+    out = tmp_path / "out.gguf"
+    out.symlink_to(tmp_path / "nowhere")
+    with contextlib.redirect_stderr(io.StringIO()):
+        convert(fixture_path("hf-llama-tiny"), str(out), force=force, quiet=True)
+    assert out.is_file() and not out.is_symlink() and leftovers(tmp_path) == []
+
+
+class _Held(BaseException):
+    pass
+
+
+def test_handlers_come_back_whenever_a_signal_lands_while_they_are_swapped(monkeypatch):
+    """A handler that runs inside signal.signal (a signal that arrived just then) raises there:
+    every handler the block swapped is still put back, and the interruption goes on."""
+    from wconv import atomic
+
+    before = {s: signal.getsignal(s) for s in atomic._CLEANUP_SIGNALS}
+    real_signal = signal.signal
+    for fail_at in range(1, 2 * len(before) + 1):
+        calls = []
+
+        def flaky(signum, handler, fail_at=fail_at):
+            calls.append(signum)
+            if len(calls) == fail_at:
+                raise _Held()
+            return real_signal(signum, handler)
+        monkeypatch.setattr(signal, "signal", flaky)
+        with pytest.raises(_Held):
+            with atomic._signals_deferred():
+                pass
+        monkeypatch.setattr(signal, "signal", real_signal)
+        assert {s: signal.getsignal(s) for s in before} == before, fail_at
+
+
+def test_a_signal_held_during_a_failed_rename_is_delivered(tmp_path, monkeypatch):
+    from wconv import atomic
+
+    def hold(signum, frame):
+        raise _Held()
+    old = signal.signal(signal.SIGHUP, hold)
+    try:
+        def rename_refused(tmp, path, force, own_output):
+            os.kill(os.getpid(), signal.SIGHUP)  # held: the rename must not be cut short
+            raise OutputError(path, "output appeared while converting; pass --force to replace it")
+        monkeypatch.setattr(atomic, "_rename_file_in", rename_refused)
+        with pytest.raises(_Held):
+            with atomic.atomic_output(tmp_path / "out.bin") as f:
+                f.write(b"x")
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert os.listdir(tmp_path) == []

@@ -347,3 +347,26 @@ def test_a_source_truncated_under_the_pieces_is_an_error_not_a_crash(bf16_source
             contextlib.redirect_stderr(io.StringIO()):
         convert(str(src), str(tmp_path / "out.gguf"), dtype="q8_0", quiet=True, threads=2)
     assert e.value.path == str(src) and sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("tool", ["split", "edit"])
+def test_gguf_split_and_edit_refuse_a_source_changed_after_it_was_parsed(tool, bf16_source, tmp_path, monkeypatch):
+    from wconv import gguf_edit, gguf_split
+
+    src = tmp_path / "m.gguf"
+    _convert(bf16_source, str(src), None, {"dtype": "f16"}, 1)
+    module = gguf_split if tool == "split" else gguf_edit
+    real_copy = module.copy_range
+
+    def grow_then_copy(*a, **k):
+        with open(src, "ab") as f:
+            f.write(b"\0" * 64)
+        return real_copy(*a, **k)
+    monkeypatch.setattr(module, "copy_range", grow_then_copy)
+    with pytest.raises(FormatError, match="changed size since it was opened"), \
+            contextlib.redirect_stderr(io.StringIO()):
+        if tool == "split":
+            gguf_split.split(str(src), str(tmp_path / "part"), max_tensors=4, quiet=True)
+        else:
+            gguf_edit.edit_gguf(str(src), str(tmp_path / "e.gguf"), set=["general.name=x"])
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]

@@ -104,10 +104,13 @@ def _check_replaceable(path: str, exists: bool, force: bool, own_output=None) ->
     return path
 
 
-def _recheck(path: str, force: bool, own_output) -> bool:
-    """check_target's verdict on `path` once more, just before the output is renamed there (it
-    may have appeared, or been replaced, during the conversion); whether `path` exists."""
-    exists = os.path.lexists(path)
+def _recheck(path: str, force: bool, own_output, *, is_dir: bool = False) -> bool:
+    """check_target's (or check_dir_target's) verdict on `path` once more, just before the output
+    is renamed there: it may have appeared, or been replaced, during the conversion. Whether
+    `path` exists, as those checks count it (for a file, a dangling symlink does not)."""
+    exists = os.path.lexists(path) if is_dir else os.path.exists(path)
+    if exists and is_dir != os.path.isdir(path):
+        raise OutputError(path, "output exists and is not a directory" if is_dir else "output is a directory")
     try:
         _check_replaceable(path, exists, force, own_output)
     except OutputError as e:
@@ -115,6 +118,18 @@ def _recheck(path: str, force: bool, own_output) -> bool:
             e.message = "output appeared while converting; pass --force to replace it"
         raise
     return exists
+
+
+def _rename_file_in(tmp: str, path: str, force: bool, own_output) -> None:
+    """The final rename of a file output: over what --force may replace (or a dangling symlink,
+    which check_target counts as absent), else only if nothing has appeared at `path`."""
+    if _recheck(path, force, own_output) or os.path.islink(path):
+        os.replace(tmp, path)
+        return
+    try:
+        _rename_new(tmp, path)
+    except FileExistsError:
+        raise _appeared(path) from None
 
 
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
@@ -187,17 +202,25 @@ def _signals_deferred(pending: list | None = None):
         return
     held = [] if pending is None else pending
     saved = {}
-    for signum in _CLEANUP_SIGNALS:
-        handler = signal.getsignal(signum)
-        if handler in (signal.SIG_IGN, None):  # ignored (nohup), or not set from Python: left alone
-            continue
-        saved[signum] = handler
-        signal.signal(signum, lambda n, frame: held.append(n))
-    try:
+    try:  # (a signal while the handlers are swapped either way still finds them all restored)
+        for signum in _CLEANUP_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler in (signal.SIG_IGN, None):  # ignored (nohup), or not set from Python: left alone
+                continue
+            saved[signum] = handler
+            signal.signal(signum, lambda n, frame: held.append(n))
         yield
     finally:
+        interrupted = None
         for signum, handler in saved.items():
-            signal.signal(signum, handler)
+            for _ in range(100):  # signal.signal first runs the handlers of signals just arrived: they may raise
+                try:
+                    signal.signal(signum, handler)
+                    break
+                except BaseException as e:  # (the handler was not changed yet: try again)
+                    interrupted = interrupted or e
+        if interrupted is not None:
+            raise interrupted
         if pending is None:
             deliver_pending(held)
 
@@ -296,31 +319,30 @@ def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         with _signals_deferred(pending):
-            if _recheck(path, force, own_output):
-                os.replace(tmp, path)
-            else:
-                try:
-                    _rename_new(tmp, path)
-                except FileExistsError:
-                    raise _appeared(path) from None
+            _rename_file_in(tmp, path, force, own_output)
             _FINISHED.append(path)
     except BaseException as e:
-        _fail(e, path, tmp, directory)
+        _fail(e, path, tmp, directory, pending)
     finally:
         _LIVE.pop(tmp, None)
     _fsync_dir(directory)  # make the rename itself durable
     deliver_pending(pending)
 
 
-def _fail(e: BaseException, path: str, tmp: str, directory: str):
-    """Remove the temporary output and re-raise; an OSError becomes a one-line OutputError."""
-    reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
-    _remove_quietly(tmp)
-    if isinstance(e, WconvError):
-        _user_message(e)
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-        raise OutputError(path, f"write failed: {reason}; no output written") from None
-    raise e
+def _fail(e: BaseException, path: str, tmp: str, directory: str, pending: list | None = None):
+    """Remove the temporary output and re-raise; an OSError becomes a one-line OutputError. Signals
+    held during a final rename that failed (`pending`) are delivered then."""
+    try:
+        reason = _write_failure(e, tmp, directory) if isinstance(e, OSError) else None
+        _remove_quietly(tmp)
+        if isinstance(e, WconvError):
+            _user_message(e)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise OutputError(path, f"write failed: {reason}; no output written") from None
+        raise e
+    finally:
+        if pending:
+            deliver_pending(pending)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -382,7 +404,7 @@ def _swap_in(tmp: str, path: str, directory: str, pending: list, force: bool, ow
     """Rename `tmp` to `path`; an existing `path` (one --force may replace) goes aside first and is
     deleted last."""
     with _signals_deferred(pending):  # an interruption between the two renames would lose both
-        if not _recheck(path, force, own_output):
+        if not _recheck(path, force, own_output, is_dir=True):
             try:
                 _rename_new(tmp, path)
             except FileExistsError:
@@ -419,7 +441,7 @@ def atomic_dir(path, *, force: bool = False, inputs=(), own_output=None):
         os.chmod(tmp, _final_mode(path, 0o777))
         _swap_in(tmp, path, directory, pending, force, own_output)
     except BaseException as e:
-        _fail(e, path, tmp, directory)
+        _fail(e, path, tmp, directory, pending)
     finally:
         _LIVE.pop(tmp, None)
     _fsync_dir(directory)
@@ -449,7 +471,7 @@ def atomic_files(paths, *, force: bool = False, inputs=(), own_output=None):
                 os.fsync(f.fileno())
         _swap_files_in(tmp, paths, pending, force, own_output)
     except BaseException as e:
-        _fail(e, paths[0], tmp, directory)
+        _fail(e, paths[0], tmp, directory, pending)
     _remove_quietly(tmp)
     _fsync_dir(directory)
     deliver_pending(pending)
@@ -466,10 +488,7 @@ def _swap_files_in(tmp: str, paths: list, pending: list, force: bool, own_output
                 os.rename(p, os.path.join(aside, os.path.basename(p)))
                 moved.append(p)
             for p in paths:
-                try:
-                    _rename_new(os.path.join(tmp, os.path.basename(p)), p)
-                except FileExistsError:
-                    raise _appeared(p) from None
+                _rename_file_in(os.path.join(tmp, os.path.basename(p)), p, force, own_output)
                 placed.append(p)
             _FINISHED.extend(paths)
         except BaseException:

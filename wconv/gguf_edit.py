@@ -356,7 +356,7 @@ def edit_gguf(src, dst=None, *, set=(), delete=(), chat_template=None, in_place:
     with atomic_path(out, force=force or in_place, inputs=() if in_place else [src]) as tmp:
         with open(tmp, "wb") as f:
             f.write(prefix)
-            copy_range(src, h.data_offset, data_bytes, f, what="GGUF tensor data")
+            copy_range(src, h.data_offset, data_bytes, f, file_size=size, what="GGUF tensor data")
         _check_written(src, tmp, out, h, len(prefix))
     for note in notes:
         warn(src, note)

@@ -87,6 +87,7 @@ class _Source:
         self.entries = [raw[a:b] for k, (a, b) in h.kv_spans.items() if k not in gguf_set.SPLIT_KEYS]
         self.has_alignment_key = "general.alignment" in h.kv
         self.tensors = []  # (part path, TensorInfo, info bytes without the offset)
+        self.sizes = {part: psize for part, _, psize in self.parts}  # as parsed: copies check them
         for part, ph, psize in self.parts:
             infos = read_bytes(part, ph.info_span[0], ph.info_span[1] - ph.info_span[0], file_size=psize,
                                what="GGUF tensor infos")
@@ -126,7 +127,7 @@ def _write_part(f, src: _Source, entries: list, tensors: list, bar) -> None:
                      *entries, *infos])
     f.write(head + b"\0" * (_padded(len(head), align) - len(head) if tensors else 0))
     for part, info, _ in tensors:
-        copy_range(part, info.offset, info.nbytes, f, what=f"tensor {info.name!r}")
+        copy_range(part, info.offset, info.nbytes, f, file_size=src.sizes[part], what=f"tensor {info.name!r}")
         f.write(b"\0" * (_padded(info.nbytes, align) - info.nbytes))
         bar.update(info.nbytes, info.name)
 

@@ -67,8 +67,8 @@ def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int 
 
 def read_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int | None = None,
                what: str = "tensor data") -> np.ndarray:
-    """A copy of bytes [offset, offset + nbytes) of `path` as a 1-D array of `dtype`, read with
-    pread; checked like map_array. The writers read their pieces this way rather than through a
+    """A copy of bytes [offset, offset + nbytes) of `path` as a 1-D array of `dtype`, read (not
+    mapped); checked like map_array. The writers read their pieces this way rather than through a
     map: a file truncated (or a disk failing) under a map kills the process with SIGBUS, while a
     read gives an error that names the file."""
     path = os.fspath(path)
@@ -80,9 +80,10 @@ def read_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int
         with open(path, "rb", buffering=0) as f:
             _check_range(path, f.fileno(), offset, nbytes, file_size, what)
             view, done = memoryview(out), 0
+            f.seek(offset)
             while done < nbytes:
-                n = os.preadv(f.fileno(), [view[done:]], offset + done)
-                if n == 0:
+                n = f.readinto(view[done:])  # (unbuffered: one read call, which may return less)
+                if not n:
                     raise FormatError(path, f"file shrank while reading {what}")
                 done += n
     except OSError as e:
@@ -161,7 +162,7 @@ def _readable(path: str, offset: int, nbytes: int) -> bool:
     fails this is the input's; copy_file_range does not say which side failed)."""
     try:
         with open(path, "rb") as f:
-            return all(len(os.pread(f.fileno(), 1, p)) == 1 for p in {offset, offset + max(nbytes - 1, 0)})
+            return all(f.seek(p) == p and len(f.read(1)) == 1 for p in {offset, offset + max(nbytes - 1, 0)})
     except OSError:
         return False
 

@@ -11,8 +11,8 @@ DType). For each tensor, in order:
 - anything else: pieces of whole rows (at most PIECE_ELEMENTS values, 8 MB of float32)
   are decoded to float32 and encoded as the target (wconv.codecs) on a small thread pool
   (wconv.parallel.ordered_map) while the calling thread writes the previous pieces. Pieces
-  of a tensor with a file span are read one at a time (wconv.mapped.read_array: pread, not a
-  map, so a source cut short is an error instead of SIGBUS), so neither a float32 copy of a
+  of a tensor with a file span are read one at a time (wconv.mapped.read_array: read, not
+  mapped, so a source cut short is an error instead of SIGBUS), so neither a float32 copy of a
   tensor nor its whole input is ever resident; pieces of a computed tensor are computed from
   just the source rows they need.
 

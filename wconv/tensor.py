@@ -39,6 +39,9 @@ class FileSpan(tuple):
         span.file_size = file_size
         return span
 
+    def __getnewargs__(self):  # copy and pickle
+        return (*self, self.file_size)
+
 
 def span_file_size(span) -> int | None:
     return getattr(span, "file_size", None)

@@ -199,7 +199,8 @@ def _write_tensor(path, name, t: LazyTensor, f) -> None:
     located = st.base.locate() if plain and view.contiguous else None
     if located is not None:
         st.data()  # lets the container check the storage first (legacy files: its element count)
-        copy_range(path, located + view.byte_span()[0], t.nbytes, f, what=f"tensor {name!r}")
+        copy_range(path, located + view.byte_span()[0], t.nbytes, f, file_size=st.base.file_size,
+                   what=f"tensor {name!r}")
         return
     np_dt = view.dtype.storage.newbyteorder(">" if st.big_endian and size > 1 else "<")
     elems = np.frombuffer(st.data(), dtype=np_dt, count=st.nbytes // size)
