@@ -523,10 +523,10 @@ def test_a_signal_held_during_a_failed_rename_is_delivered(tmp_path, monkeypatch
         raise _Held()
     old = signal.signal(signal.SIGHUP, hold)
     try:
-        def rename_refused(tmp, path, force, own_output):
+        def rename_refused(tmp, path, replace):
             os.kill(os.getpid(), signal.SIGHUP)  # held: the rename must not be cut short
             raise OutputError(path, "output appeared while converting; pass --force to replace it")
-        monkeypatch.setattr(atomic, "_rename_file_in", rename_refused)
+        monkeypatch.setattr(atomic, "_place_file", rename_refused)
         with pytest.raises(_Held):
             with atomic.atomic_output(tmp_path / "out.bin") as f:
                 f.write(b"x")

@@ -111,34 +111,28 @@ def _recheck(path: str, force: bool, own_output, *, is_dir: bool = False) -> boo
     exists = os.path.lexists(path) if is_dir else os.path.exists(path)
     if exists and is_dir != os.path.isdir(path):
         raise OutputError(path, "output exists and is not a directory" if is_dir else "output is a directory")
-    try:
-        _check_replaceable(path, exists, force, own_output)
-    except OutputError as e:
-        if exists and not force:
-            e.message = "output appeared while converting; pass --force to replace it"
-        raise
+    if exists and not force:
+        raise _appeared(path)
+    _check_replaceable(path, exists, force, own_output)
     return exists
 
 
-def _rename_file_in(tmp: str, path: str, force: bool, own_output) -> None:
-    """The final rename of a file output: over what --force may replace (or a dangling symlink,
-    which check_target counts as absent), else only if nothing has appeared at `path`."""
-    if _recheck(path, force, own_output) or os.path.islink(path):
+def _place_file(tmp: str, path: str, replace: bool) -> None:
+    """The final rename of a file output: over `path` if it may be replaced (or is a dangling
+    symlink, which check_target counts as absent), else only if nothing has appeared there."""
+    if replace or os.path.islink(path):
         os.replace(tmp, path)
-        return
-    try:
+    else:
         _rename_new(tmp, path)
-    except FileExistsError:
-        raise _appeared(path) from None
 
 
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 
 
 def _rename_new(src: str, dst: str) -> None:
-    """rename(src, dst) that fails with FileExistsError instead of replacing a `dst` that appeared
-    a moment ago (Linux renameat2 RENAME_NOREPLACE; elsewhere, or on filesystems without it, a
-    plain rename after the existence check)."""
+    """rename(src, dst) that refuses (the OutputError of an output that appeared) instead of
+    replacing a `dst` that appeared a moment ago (Linux renameat2 RENAME_NOREPLACE; elsewhere, or
+    on filesystems without it, a plain rename after the existence check)."""
     import ctypes
 
     renameat2 = libc.function("renameat2", ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
@@ -147,10 +141,12 @@ def _rename_new(src: str, dst: str) -> None:
         if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         code = libc.errno()
+        if code == errno.EEXIST:
+            raise _appeared(dst)
         if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             raise OSError(code, os.strerror(code), dst)
     if os.path.lexists(dst):
-        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
+        raise _appeared(dst)
     os.rename(src, dst)
 
 
@@ -319,7 +315,7 @@ def atomic_path(path, *, force: bool = False, inputs=(), own_output=None):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         with _signals_deferred(pending):
-            _rename_file_in(tmp, path, force, own_output)
+            _place_file(tmp, path, _recheck(path, force, own_output))
             _FINISHED.append(path)
     except BaseException as e:
         _fail(e, path, tmp, directory, pending)
@@ -405,10 +401,7 @@ def _swap_in(tmp: str, path: str, directory: str, pending: list, force: bool, ow
     deleted last."""
     with _signals_deferred(pending):  # an interruption between the two renames would lose both
         if not _recheck(path, force, own_output, is_dir=True):
-            try:
-                _rename_new(tmp, path)
-            except FileExistsError:
-                raise _appeared(path) from None
+            _rename_new(tmp, path)
             _FINISHED.append(path)
             return
         aside = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".old.", suffix=TMP_SUFFIX, dir=directory)
@@ -487,8 +480,8 @@ def _swap_files_in(tmp: str, paths: list, pending: list, force: bool, own_output
             for p in existing:
                 os.rename(p, os.path.join(aside, os.path.basename(p)))
                 moved.append(p)
-            for p in paths:
-                _rename_file_in(os.path.join(tmp, os.path.basename(p)), p, force, own_output)
+            for p in paths:  # (the existing ones are aside now)
+                _place_file(os.path.join(tmp, os.path.basename(p)), p, replace=False)
                 placed.append(p)
             _FINISHED.extend(paths)
         except BaseException:

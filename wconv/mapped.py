@@ -67,28 +67,13 @@ def map_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int 
 
 def read_array(path, offset: int, nbytes: int, dtype=np.uint8, *, file_size: int | None = None,
                what: str = "tensor data") -> np.ndarray:
-    """A copy of bytes [offset, offset + nbytes) of `path` as a 1-D array of `dtype`, read (not
-    mapped); checked like map_array. The writers read their pieces this way rather than through a
-    map: a file truncated (or a disk failing) under a map kills the process with SIGBUS, while a
-    read gives an error that names the file."""
-    path = os.fspath(path)
+    """read_bytes as a read-only 1-D array of `dtype`, checked like map_array. The writers read
+    their pieces this way rather than through a map: a file truncated (or a disk failing) under a
+    map kills the process with SIGBUS, while a read gives an error that names the file."""
     dtype = np.dtype(dtype)
-    if offset < 0 or nbytes < 0 or nbytes % dtype.itemsize:
-        raise FormatError(path, f"{what}: bad byte range at offset {offset} ({nbytes} bytes of {dtype})")
-    out = np.empty(nbytes, dtype=np.uint8)
-    try:
-        with open(path, "rb", buffering=0) as f:
-            _check_range(path, f.fileno(), offset, nbytes, file_size, what)
-            view, done = memoryview(out), 0
-            f.seek(offset)
-            while done < nbytes:
-                n = f.readinto(view[done:])  # (unbuffered: one read call, which may return less)
-                if not n:
-                    raise FormatError(path, f"file shrank while reading {what}")
-                done += n
-    except OSError as e:
-        raise FormatError(path, f"cannot read {what}: {e.strerror or e}") from None
-    return out.view(dtype)
+    if nbytes % dtype.itemsize:
+        raise FormatError(os.fspath(path), f"{what}: bad byte range at offset {offset} ({nbytes} bytes of {dtype})")
+    return np.frombuffer(read_bytes(path, offset, nbytes, file_size=file_size, what=what), dtype=dtype)
 
 
 def read_bytes(path, offset: int, nbytes: int, *, file_size: int | None = None, what: str = "data") -> bytes:

@@ -31,7 +31,6 @@ import numpy as np
 
 from . import codecs, dtypes, libc
 from .mapped import copy_range, read_array, start_writeback
-from .tensor import span_file_size
 from .parallel import default_workers, ordered_map
 
 PIECE_ELEMENTS = 1 << 21  # float32 values per encoded piece: 8 MB of float32
@@ -92,7 +91,7 @@ def write_tensors(f, jobs, *, threads: int | None = None, before=None, after=Non
         r = results[i]
         if piece.kind == "copy":
             path, offset, nbytes = piece.data
-            copy_range(path, offset, nbytes, f, file_size=span_file_size(piece.data),
+            copy_range(path, offset, nbytes, f, file_size=piece.data.file_size,
                        what=f"tensor {jobs[i][0].name}")
             r.nbytes += nbytes
             r.copied = True
@@ -257,7 +256,7 @@ def _encoded_pieces(i, t, target, piece_elements: int):
         if span is not None:
             path, offset, _ = span
             dtype = np.uint8 if src.quantized else storage
-            load = (lambda p=path, o=offset + lo, b=nb, d=dtype, name=t.name, size=span_file_size(span):
+            load = (lambda p=path, o=offset + lo, b=nb, d=dtype, name=t.name, size=span.file_size:
                     read_array(p, o, b, d, file_size=size, what=f"tensor {name!r}"))
         elif src.quantized:
             load = (lambda w=whole, a=lo, b=lo + nb: w[a:b])

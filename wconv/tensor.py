@@ -43,10 +43,6 @@ class FileSpan(tuple):
         return (*self, self.file_size)
 
 
-def span_file_size(span) -> int | None:
-    return getattr(span, "file_size", None)
-
-
 @dataclass
 class LazyTensor:
     name: str
@@ -80,9 +76,9 @@ class LazyTensor:
         raw() bytes as one range of a file (so they can be copied or mapped piecewise),
         else None (computed tensors: permutations, shard merges, strided views...)."""
         span = self.span() if callable(self.span) else self.span
-        if span is not None and span[2] != self.nbytes:
+        if span is None or span[2] != self.nbytes:
             return None
-        return span
+        return span if isinstance(span, FileSpan) else FileSpan(*span)
 
     def raw(self) -> np.ndarray:
         """Stored elements, storage dtype, logical shape (quantised: flat uint8 blocks)."""
@@ -136,7 +132,7 @@ class LazyTensor:
             return raw.reshape(self.shape)[start:stop] if self.shape else raw.reshape(1)[start:stop]
         path, offset, _ = span
         rb = self.row_bytes()
-        what, size = f"tensor {self.name!r}", span_file_size(span)
+        what, size = f"tensor {self.name!r}", span.file_size
         if self.dtype.quantized:
             return read_array(path, offset + start * rb, (stop - start) * rb, np.uint8, file_size=size, what=what)
         arr = read_array(path, offset + start * rb, (stop - start) * rb, self.dtype.storage.newbyteorder("<"),
